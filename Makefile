@@ -1,0 +1,27 @@
+# fxdit: `make demo` runs the main job, `make test` runs the tests. Each sets itself up on a fresh machine.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow clean
+
+setup: $(VENV)/.fxdit-installed
+
+$(VENV)/.fxdit-installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,diffusers]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/fxdit demo --out demo_out
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf demo_out fxdit_dump .pytest_cache

@@ -1,0 +1,230 @@
+"""The ``fxdit`` torch.compile backend.
+
+Usage::
+
+    fast = torch.compile(model, backend="fxdit", options={"attention": {"mode": "grat-b"}})
+
+The backend validates ``options`` into a frozen :class:`~fxdit.config.FxditConfig`, runs the pass
+``PIPELINE`` on a copy of the graph Dynamo traced (analysis: ``find_attention``, ``find_blocks``; rewrites:
+grouped attention, caching), then hands the result to inductor through
+``compile_fx(gm, example_inputs, config_patches=...)``. It never changes inductor's global config.
+
+Registered through the ``torch_dynamo_backends`` entry point; importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxdit import registry
+from fxdit.config import FxditConfig
+from fxdit.errors import FxditError
+from fxdit.passes import PIPELINE
+from fxdit.passes._base import PassReport
+from fxdit.passes._fx_utils import fresh_copy, lifted_constants
+
+__all__ = ["fxdit_backend", "make_backend", "compile_graph", "run_pipeline"]
+
+log = logging.getLogger(__name__)
+
+#: Passes that only analyse; they also run when lossy rewrites are disabled (training, gradients).
+ANALYSIS_PASSES = ("find_attention", "find_blocks")
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+        log.warning("%s", message)
+
+
+def fxdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Mapping[str, Any] | None = None,
+                  **kwargs: Any) -> Callable[..., Any]:
+    """The backend Dynamo calls for each graph it traced.
+
+    Args:
+        gm: the graph Dynamo traced (left untouched; fxdit works on a copy).
+        example_inputs: the graph's example inputs (real tensors, the model's parameters among them).
+        options: the ``options=`` mapping given to ``torch.compile``; see the README's options table.
+
+    Returns:
+        A callable with the same calling convention as the graph.
+
+    Raises:
+        FxditError: when ``options`` contains an unknown key or a bad value.
+    """
+    if kwargs:
+        log.warning("fxdit backend ignores unexpected keyword arguments: %s", sorted(kwargs))
+    cfg = FxditConfig.from_options(options)
+    return compile_graph(gm, example_inputs, cfg)
+
+
+def make_backend(config: FxditConfig | Mapping[str, Any] | None = None) -> Callable[..., Any]:
+    """A backend callable bound to a typed config: ``torch.compile(model, backend=fxdit.make_backend(cfg))``."""
+    cfg = FxditConfig.from_options(config)
+
+    def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
+        if kwargs:
+            log.warning("fxdit backend ignores unexpected keyword arguments: %s", sorted(kwargs))
+        return compile_graph(gm, example_inputs, cfg)
+
+    backend.config = cfg  # type: ignore[attr-defined]
+    backend.__name__ = "fxdit"
+    return backend
+
+
+def _needs_grad(example_inputs: Sequence[Any]) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    )
+
+
+def run_pipeline(gm: fx.GraphModule, cfg: FxditConfig, *, passes: Sequence[Callable[..., PassReport]] = PIPELINE,
+                 dump: Any | None = None) -> tuple[fx.GraphModule, list[PassReport]]:
+    """Run ``passes`` in order on ``gm`` (which it may mutate) and return the resulting module and reports.
+
+    With ``on_pass_error="fallback"`` each pass runs on a copy; when it raises, the copy is dropped, one
+    warning names the pass, and the graph as it was before that pass goes on. With ``"raise"`` the error
+    propagates as a ``RuntimeError`` naming the pass and those that ran before it (``FxditError`` about user
+    input propagates unchanged).
+    """
+    reports: list[PassReport] = []
+    ran: list[str] = []
+    work = gm
+    for p in passes:
+        name = p.__name__
+        if dump is not None:
+            dump.before(name, work)
+        if cfg.on_pass_error == "fallback":
+            trial = fresh_copy(work)
+            try:
+                report = p(trial, cfg)
+            except FxditError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the documented fallback policy
+                message = (f"fxdit: pass {name!r} failed ({type(exc).__name__}: {exc}); this graph continues "
+                           f"without it (passes before it: {ran or 'none'})")
+                warnings.warn(message, stacklevel=2)
+                log.warning("%s", message, exc_info=log.isEnabledFor(logging.DEBUG))
+                report = PassReport(name, skipped={f"pass failed: {type(exc).__name__}": 1},
+                                    details={"error": f"{type(exc).__name__}: {exc}"})
+                trial = work
+            work = trial
+        else:
+            try:
+                report = p(work, cfg)
+            except FxditError:
+                raise
+            except Exception as exc:
+                raise RuntimeError(
+                    f"fxdit: error in pass {name!r} (after passes {ran or 'none'}): {type(exc).__name__}: {exc}"
+                ) from exc
+        reports.append(report)
+        ran.append(name)
+        torch._dynamo.utils.counters["fxdit"][name] += report.rewritten
+        torch._dynamo.utils.counters["fxdit"][f"{name}.matched"] += report.matched
+        if dump is not None:
+            dump.after(name, work, report)
+    return work, reports
+
+
+def _decompositions(gm: fx.GraphModule) -> dict[Any, Callable[..., Any]] | None:
+    """Inductor decompositions for fxdit's own ops that lower to compiled code on CPU (``None`` if none)."""
+    try:
+        from fxdit.kernels import ops
+    except ImportError:  # pragma: no cover - ops not built yet
+        return None
+    extra = ops.decompositions_for(gm) if hasattr(ops, "decompositions_for") else {}
+    if not extra:
+        return None
+    from torch._inductor.decomposition import select_decomp_table
+
+    return {**select_decomp_table(), **extra}
+
+
+def lower(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditConfig) -> Callable[..., Any]:
+    """Compile one (rewritten) graph with inductor; lifted constants are appended to every call."""
+    from torch._inductor.compile_fx import compile_fx
+
+    consts = lifted_constants(gm)
+    inputs = list(example_inputs) + consts
+    compiled = compile_fx(gm, inputs, config_patches=cfg.inductor_patches, decompositions=_decompositions(gm))
+    if not consts:
+        return compiled
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    def with_constants(*args: Any) -> Any:
+        if boxed and len(args) == 1 and isinstance(args[0], list):
+            full = list(args[0]) + consts
+            args[0].clear()
+            return compiled(full)
+        full = list(args) + consts
+        return compiled(full) if boxed else compiled(*full)
+
+    with_constants._boxed_call = boxed  # type: ignore[attr-defined]
+    return with_constants
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditConfig) -> Callable[..., Any]:
+    """Run the pipeline on a copy of ``gm``, compile the result and record it in :mod:`fxdit.registry`."""
+    graph_id = registry.next_graph_id()
+    dump = None
+    if cfg.dump_dir:
+        from fxdit.dump import GraphDump
+
+        dump = GraphDump(cfg.dump_dir, graph_id, cfg)
+        dump.input(gm, example_inputs)
+
+    passes: Sequence[Callable[..., PassReport]] = PIPELINE
+    if _needs_grad(example_inputs) and not cfg.lossless:
+        _warn_once("grad", "fxdit: this graph needs gradients (training or requires_grad outside no_grad); "
+                           "lossy rewrites (grouped attention, caching) are inference-only and are left out. "
+                           "Run sampling under torch.no_grad()/torch.inference_mode() to enable them.")
+        passes = tuple(p for p in PIPELINE if p.__name__ in ANALYSIS_PASSES)
+
+    work = fresh_copy(gm)
+    work, reports = run_pipeline(work, cfg, passes=passes, dump=dump)
+
+    runtime = None
+    from fxdit.passes._fx_utils import fxdit_meta
+
+    state = fxdit_meta(work)
+    if state.get("cache_plan") is not None:
+        from fxdit.runtime import build_cached_runtime
+
+        compiled, runtime, extra_reports = build_cached_runtime(work, example_inputs, cfg, lower=lower, dump=dump)
+        reports.extend(extra_reports)
+    else:
+        compiled = lower(work, example_inputs, cfg)
+
+    summary = _summary(work)
+    record = registry.CompiledGraph(graph_id=graph_id, config=cfg, reports=tuple(reports), summary=summary,
+                                    dump_dir=dump.path if dump is not None else None)
+    registry.register(record, example_inputs, runtime)
+    if dump is not None:
+        dump.finish(work, reports, example_inputs)
+    return compiled
+
+
+def _summary(gm: fx.GraphModule) -> dict[str, Any]:
+    from fxdit.passes._fx_utils import fxdit_meta
+
+    state = fxdit_meta(gm)
+    sites = state.get("attention_sites") or []
+    blocks = state.get("blocks") or []
+    grid = state.get("token_grid")
+    return {
+        "attention_sites": len(sites),
+        "blocks": len(blocks),
+        "linears": sum(len(b.linears) for b in blocks),
+        "token_grid": tuple(grid.shape) if grid is not None else None,
+        **{k: v for k, v in state.items() if k.startswith("summary_")},
+    }

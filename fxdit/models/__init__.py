@@ -1,0 +1,1 @@
+"""Reference models for tests, benchmarks and the demo."""

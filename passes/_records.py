@@ -1,0 +1,153 @@
+"""Records the analysis passes leave for the rewriting passes.
+
+They refer to graph nodes **by name**, never by ``fx.Node`` object, so they stay valid when the backend
+copies a graph (for ``on_pass_error="fallback"`` and for ICC's two graph variants). Resolve names with
+:func:`fxdit.passes._fx_utils.nodes_by_name`.
+
+Where they live: ``gm.meta["fxdit"]`` (see :func:`fxdit.passes._fx_utils.fxdit_meta`) holds
+``"attention_sites"`` (list of :class:`AttentionSite`), ``"blocks"`` (list of :class:`BlockInfo`) and
+``"token_grid"`` (:class:`TokenGrid` or ``None``); each attention node also carries its site in
+``node.meta["fxdit"]["attention"]`` and each linear its :class:`LinearInfo` in ``node.meta["fxdit"]["linear"]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["AttentionSite", "LinearInfo", "BlockInfo", "TokenGrid", "LINEAR_ROLES"]
+
+#: Roles ``find_blocks`` gives to the linear layers of a transformer block.
+LINEAR_ROLES = ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out", "modulation", "other")
+
+
+@dataclass
+class AttentionSite:
+    """One attention call in the graph.
+
+    Attributes:
+        node: name of the node whose value is the attention output (the SDPA call, or the final ``@ v``).
+        form: the call form from the table in ``find_attention`` (``"sdpa_positional"``, ``"sdpa_keyword"``,
+            ``"unfused"``, ``"unfused_prescaled"``...).
+        nodes: names of every node that makes up the site (one for SDPA; the matmul/softmax chain for unfused).
+        q, k, v: names of the nodes that feed the attention as q, k, v (layout B, H, S, D).
+        mask: names of the mask node or ``None``; ``mask_kind`` is ``"none"``, ``"bool"`` or ``"float"``.
+        batch, heads, kv_heads, q_len, kv_len, head_dim: shapes at trace time.
+        scale: the softmax scale (``None`` means the default 1/sqrt(head_dim)).
+        dropout: dropout probability; ``causal``: the causal flag; ``enable_gqa``: SDPA's GQA flag.
+        dtype: dtype name of q.
+        image_span: ``(start, stop)`` of the image/video tokens along the sequence, when known.
+        text_span: ``(start, stop)`` of the text tokens, when the sequence joins text and image tokens.
+        cross: True when keys come from another sequence than queries (image→text cross-attention).
+        block: index of the transformer block the site lives in (``None`` when outside any block).
+        span_source: how the spans were found (``"cat"``, ``"self"``, ``"cross"``, ``"unknown"``).
+    """
+
+    node: str
+    form: str
+    nodes: tuple[str, ...]
+    q: str
+    k: str
+    v: str
+    batch: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    scale: float | None = None
+    mask: str | None = None
+    mask_kind: str = "none"
+    dropout: float = 0.0
+    causal: bool = False
+    enable_gqa: bool = False
+    dtype: str = "float32"
+    layout: str = "BHSD"
+    image_span: tuple[int, int] | None = None
+    text_span: tuple[int, int] | None = None
+    cross: bool = False
+    block: int | None = None
+    span_source: str = "unknown"
+
+    @property
+    def text_first(self) -> bool | None:
+        if self.text_span is None or self.image_span is None:
+            return None
+        return self.text_span[0] < self.image_span[0]
+
+
+@dataclass
+class LinearInfo:
+    """One linear layer call (``torch._C._nn.linear`` / ``F.linear``) inside a transformer block.
+
+    Attributes:
+        node: name of the linear call node.
+        module: qualified module path, e.g. ``"transformer_blocks.0.attn1.to_q"`` (``""`` if unknown).
+        role: one of :data:`LINEAR_ROLES`.
+        block: index of the block.
+        in_features, out_features: weight shape.
+        weight, bias: names of the nodes holding the weight and bias (``bias`` may be ``None``).
+        tokens: tokens per sample in the input (product of the non-batch, non-channel dims), 1 for vectors.
+        stream: ``"image"`` or ``"text"`` for dual-stream blocks (SD3/Flux context projections), else ``"joint"``.
+    """
+
+    node: str
+    module: str
+    role: str
+    block: int
+    in_features: int
+    out_features: int
+    weight: str
+    bias: str | None
+    tokens: int
+    stream: str = "joint"
+
+
+@dataclass
+class BlockInfo:
+    """One transformer block.
+
+    Attributes:
+        index: 0-based position among the blocks (in graph order).
+        path: qualified module path of the block, e.g. ``"transformer_blocks.3"``.
+        linears: its linear layers, in graph order.
+        tokens: image/video token count per sample flowing through the block.
+        hidden: hidden size.
+    """
+
+    index: int
+    path: str
+    linears: list[LinearInfo] = field(default_factory=list)
+    tokens: int = 0
+    hidden: int = 0
+
+    def by_role(self, role: str) -> list[LinearInfo]:
+        return [lin for lin in self.linears if lin.role == role]
+
+
+@dataclass
+class TokenGrid:
+    """The image/video token grid as the graph shows it.
+
+    Attributes:
+        shape: ``(T, H, W)``; ``T == 1`` for images.
+        source: ``"conv2d"``, ``"conv3d"``, ``"unfold"``, ``"unpatchify"`` or ``"option"``.
+        patch_node: name of the node whose value is the token sequence (B, N, C) right after the patch
+            embedding (before positional embeddings are added), when found.
+        unpatch_node: name of the node that starts the unpatchify reshape, when found.
+        patch: patch size in pixels/latents per axis, when known.
+    """
+
+    shape: tuple[int, int, int]
+    source: str
+    patch_node: str | None = None
+    unpatch_node: str | None = None
+    patch: tuple[int, ...] | None = None
+
+    @property
+    def tokens(self) -> int:
+        t, h, w = self.shape
+        return t * h * w
+
+    @property
+    def is_video(self) -> bool:
+        return self.shape[0] > 1

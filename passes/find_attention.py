@@ -1,0 +1,9 @@
+"""find_attention: placeholder until the analysis lands (returns an empty report)."""
+from __future__ import annotations
+import torch.fx as fx
+from fxdit.passes._base import PassReport
+from fxdit.passes._fx_utils import fxdit_meta
+
+def find_attention(gm: fx.GraphModule, cfg=None) -> PassReport:
+    fxdit_meta(gm)["attention_sites"] = []
+    return PassReport("find_attention")
