@@ -1,0 +1,226 @@
+"""Train fxdit's shipped demo model: a class-conditional diffusers DiT on sklearn's 8x8 digits.
+
+The model is a ``diffusers.DiTTransformer2DModel`` in pixel space: 1 channel, 32x32 (the 8x8 digits
+upsampled bilinearly), patch 2 (256 tokens), 6 layers, 6 heads x 32 = 192 hidden, ``ada_norm_zero``,
+epsilon prediction (``out_channels=1``, no learned sigma). ``num_embeds_ada_norm`` is diffusers' name for
+the number of classes: 10, and the label embedding table has an 11th row (index 10) that is the null label
+used by classifier-free guidance. Diffusers drops labels independently in every block when the model is in
+train mode; this script turns that off and drops 10 % of the labels itself, once per sample, so every block
+sees the same (possibly null) label.
+
+Training: AdamW (lr 3e-4, linear warmup, then constant), batch 32, 1000-step ``squaredcos_cap_v2`` DDPM
+noise schedule, MSE on epsilon, light augmentation (random shifts of up to 2 pixels at 32x32), an EMA of the
+weights (that is what gets saved). It stops at ``--max-steps`` or when ``--time-budget-min`` runs out,
+whichever comes first, and saves a checkpoint every ``--checkpoint-min`` minutes, so a usable model exists
+early. To reproduce a shipped model bit for bit, pass the step count it reports as ``--max-steps`` with the
+same seed and thread count.
+
+The weights are saved in fp16 (about 11 MB) with ``save_pretrained(safe_serialization=True)``; load them
+with ``DiTTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32)``. The folder also holds the
+``DDIMScheduler`` config for sampling (``scheduler_config.json``) and ``training_info.json``.
+
+Usage::
+
+    python tools/train_demo_model.py --out fxdit/data/demo_dit --time-budget-min 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # diffusers' LabelEmbedding uses index num_classes as the dropped label
+
+
+def model_config() -> dict:
+    """The DiTTransformer2DModel config of the demo model."""
+    return dict(
+        num_attention_heads=6,
+        attention_head_dim=32,
+        in_channels=1,
+        out_channels=1,
+        num_layers=6,
+        sample_size=32,
+        patch_size=2,
+        norm_type="ada_norm_zero",
+        num_embeds_ada_norm=NUM_CLASSES,
+        activation_fn="gelu-approximate",
+        norm_elementwise_affine=False,
+    )
+
+
+def scheduler_config() -> dict:
+    """The noise schedule the model is trained with (and sampled with, through DDIMScheduler)."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="epsilon",
+        clip_sample=True,
+        clip_sample_range=1.0,
+        set_alpha_to_one=False,
+        steps_offset=0,
+        timestep_spacing="leading",
+    )
+
+
+def load_digit_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's load_digits as (N, 1, size, size) float32 in [-1, 1] and (N,) int64 labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32)) / 16.0 * 2.0 - 1.0
+    x = x[:, None]
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1.0, 1.0)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    return x.contiguous(), y
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to ``max_shift`` pixels in x and y, filling with background (-1)."""
+    if max_shift <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    offs = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=gen)
+    out = torch.empty_like(x)
+    for i in range(n):
+        dy, dx = int(offs[i, 0]), int(offs[i, 1])
+        out[i] = padded[i, :, dy : dy + h, dx : dx + w]
+    return out
+
+
+def save_checkpoint(ema, out: Path, info: dict) -> None:
+    """Save the EMA model in fp16 plus scheduler config and training info, replacing ``out`` atomically."""
+    from diffusers import DDIMScheduler
+
+    tmp = out.parent / (out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    half = copy.deepcopy(ema).to(torch.float16)
+    half.save_pretrained(tmp, safe_serialization=True)
+    DDIMScheduler(**scheduler_config()).save_pretrained(tmp)
+    (tmp / "training_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    old = out.parent / (out.name + ".old")
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("fxdit/data/demo_dit"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--max-shift", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=100_000)
+    p.add_argument("--time-budget-min", type=float, default=50.0)
+    p.add_argument("--checkpoint-min", type=float, default=5.0)
+    args = p.parse_args(argv)
+
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.update(model=model_config(), scheduler=scheduler_config(), torch=torch.__version__)
+    print("settings:", json.dumps(settings, sort_keys=True), flush=True)
+
+    x_all, y_all = load_digit_images(32)
+    model = DiTTransformer2DModel(**model_config())
+    # Label dropout is done here, once per sample; switch off diffusers' per-block dropout.
+    for mod in model.modules():
+        if type(mod).__name__ == "LabelEmbedding":
+            mod.dropout_prob = 0.0
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f} M params, data: {tuple(x_all.shape)}", flush=True)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    noise_sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"})
+    alphas_cumprod = noise_sched.alphas_cumprod.float()
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+
+    start = time.monotonic()
+    last_ckpt = start
+    budget = args.time_budget_min * 60.0
+    n = x_all.shape[0]
+    perm = torch.randperm(n, generator=gen)
+    cursor = 0
+    loss_avg = None
+    step = 0
+    model.train()
+    bar = tqdm(total=args.max_steps, desc="train demo DiT", mininterval=30.0, file=sys.stdout)
+    while step < args.max_steps and time.monotonic() - start < budget:
+        if cursor + args.batch > n:
+            perm = torch.randperm(n, generator=gen)
+            cursor = 0
+        idx = perm[cursor : cursor + args.batch]
+        cursor += args.batch
+        x0 = random_shift(x_all[idx], args.max_shift, gen)
+        y = y_all[idx].clone()
+        drop = torch.rand(y.shape[0], generator=gen) < args.label_dropout
+        y[drop] = NULL_CLASS
+        t = torch.randint(0, 1000, (y.shape[0],), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        pred = model(xt, timestep=t, class_labels=y).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm.detach(), 1.0 - decay)
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        bar.update(1)
+        if step % 50 == 0:
+            el = time.monotonic() - start
+            print(f"step {step} loss {loss_avg:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                  f"elapsed {el / 60:.1f} min ({el / step:.2f} s/step)", flush=True)
+        if time.monotonic() - last_ckpt > args.checkpoint_min * 60.0:
+            info = dict(settings, steps=step, loss_ema=loss_avg, elapsed_s=time.monotonic() - start, final=False)
+            save_checkpoint(ema, args.out, info)
+            last_ckpt = time.monotonic()
+            print(f"checkpoint at step {step} -> {args.out}", flush=True)
+    bar.close()
+    info = dict(settings, steps=step, loss_ema=loss_avg, elapsed_s=time.monotonic() - start, final=True)
+    save_checkpoint(ema, args.out, info)
+    size = sum(f.stat().st_size for f in args.out.iterdir())
+    print(f"done: {step} steps in {(time.monotonic() - start) / 60:.1f} min, loss {loss_avg:.4f}, "
+          f"saved {size / 1e6:.1f} MB to {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
