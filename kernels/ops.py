@@ -1,14 +1,19 @@
 """fxdit's custom ops (namespace ``fxdit``) and their inductor decompositions.
 
 ``fxdit::grouped_attention`` — grouped block-sparse attention (GRAT). Semantics are those of
-:func:`fxdit.kernels.reference.grouped_attention_ref`; the BlockMask tables (``kv_num_blocks``, ``kv_indices``,
-``full_kv_num_blocks``, ``full_kv_indices``, FlexAttention's format) only say where to look, the element mask is
-``group_adj[q_group[i], kv_group[j]] & kv_valid[b, j]``.
+:func:`fxdit.kernels.reference.grouped_attention_ref`: query ``i`` attends key ``j`` iff
+``group_adj[q_group[i], kv_group[j]]`` and (when given) ``kv_valid[b, j]``; rows that see no key return zeros. The
+BlockMask tables (``kv_num_blocks``, ``kv_indices``, ``full_kv_num_blocks``, ``full_kv_indices``, FlexAttention's
+format, ``block_size`` tokens per block on both axes) say where visible elements can be: a *full* block asserts that
+every element is visible under ``group_adj`` (``kv_valid`` is still applied to it), a *partial* block is masked
+element-wise, an unlisted block is skipped. Build them with :func:`fxdit.kernels.grat_layout.block_mask_tables`.
 
 * CUDA: the Triton kernel (:func:`fxdit.kernels.grouped_attention.grouped_attention`).
-* CPU eager: the dense reference.
-* Under fxdit's backend on CPU: :func:`decompositions_for` lowers the op to FlexAttention, which inductor compiles
-  to its C++ flex template (see the function's docstring).
+* CPU eager: the dense reference (fp32 compute).
+* Under fxdit's backend on CPU: :func:`decompositions_for` lowers the op to ``flex_attention`` with a BlockMask built
+  in-graph by ``BlockMask.from_kv_blocks``; inductor compiles it to its C++ flex template. That template rejects fused
+  epilogues, so graphs containing the op also need :func:`inductor_patches_for` (``epilogue_fusion=False``; on CPU
+  without max-autotune the flag only concerns templates, i.e. only this attention).
 
 Importing this module registers the ops (``torch.library``); it has no other side effect.
 """
@@ -16,6 +21,7 @@ Importing this module registers the ops (``torch.library``); it has no other sid
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -45,7 +51,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, kv_group
         return _triton(q, k, v, q_group, kv_group, group_adj, kv_num_blocks, kv_indices, full_kv_num_blocks,
                        full_kv_indices, kv_valid, scale=scale, block_size=block_size)
     return grouped_attention_ref(q, k, v, q_group, kv_group, group_adj, kv_valid, scale=scale,
-                                 compute_dtype=torch.float32 if q.dtype != torch.float64 else torch.float64)
+                                 compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
 @grouped_attention.register_fake
@@ -53,15 +59,165 @@ def _grouped_attention_fake(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, kv
                             kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor,
                             full_kv_indices: Tensor, kv_valid: Optional[Tensor], scale: float,
                             block_size: int) -> Tensor:
+    # Both real paths return a fresh contiguous [B, Hq, Sq, Dv] tensor.
     b, h, s, _ = q.shape
     return q.new_empty((b, h, s, v.shape[-1]))
 
 
+def _merge_full_into_partial(kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor,
+                             full_kv_indices: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
+    """One partial list holding both lists (when ``kv_valid`` must be applied everywhere), in-graph, traceable."""
+    ar = torch.arange(kv_indices.shape[-1], device=kv_indices.device)
+    far = torch.arange(full_kv_indices.shape[-1], device=kv_indices.device)
+    shape = (*kv_indices.shape[:-1], num_kv_blocks)
+    flags = torch.zeros(shape, dtype=torch.int32, device=kv_indices.device)
+    flags = flags.scatter_add(-1, kv_indices.long(), (ar < kv_num_blocks[..., None]).to(torch.int32))
+    flags = flags.scatter_add(-1, full_kv_indices.long(), (far < full_kv_num_blocks[..., None]).to(torch.int32))
+    visible = flags > 0
+    num = visible.sum(-1).to(torch.int32)
+    idx = torch.argsort(visible.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num, idx
+
+
+def _flex_cpu_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    try:
+        from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
+    except ImportError:  # pragma: no cover - other torch layouts
+        return False
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    return (check_cpu_supported() and q.dtype in dtypes and q.dtype == k.dtype == v.dtype)
+
+
+def _grouped_attention_decomp(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, kv_group: Tensor,
+                              group_adj: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                              full_kv_num_blocks: Tensor, full_kv_indices: Tensor, kv_valid: Optional[Tensor],
+                              scale: float, block_size: int) -> Tensor:
+    """CPU lowering: FlexAttention over a BlockMask built in-graph from the tables (see the module docstring)."""
+    if q.device.type != "cpu":
+        return NotImplemented  # CUDA keeps the opaque op (Triton kernel)
+    if not _flex_cpu_supported(q, k, v):
+        # float64 / mixed dtypes / no AVX2: inductor compiles the dense masked formula instead.
+        return grouped_attention_ref(q, k, v, q_group, kv_group, group_adj, kv_valid, scale=scale,
+                                     compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    sq, sk = q.shape[2], k.shape[2]
+    if kv_valid is None:
+        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return group_adj[q_group[q_idx], kv_group[kv_idx]]
+
+        tables = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    else:
+        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return group_adj[q_group[q_idx], kv_group[kv_idx]] & kv_valid[b, kv_idx]
+
+        # a "full" block is full under group_adj only; with per-batch key validity every block is masked
+        num, idx = _merge_full_into_partial(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                                            -(-sk // block_size))
+        tables = (num, idx, None, None)
+    block_mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(sq, sk),
+                                          compute_q_blocks=False)
+    with warnings.catch_warnings():
+        # traced into inductor's flex template here; the "called without torch.compile" warning does not apply
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out
+
+
+def _has_grouped_attention_on_cpu(gm: fx.GraphModule) -> bool:
+    op = torch.ops.fxdit.grouped_attention
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (op, op.default):
+            val = node.meta.get("val", node.meta.get("example_value"))
+            if not isinstance(val, Tensor) or val.device.type == "cpu":
+                return True
+    return False
+
+
 def decompositions_for(gm: fx.GraphModule) -> dict[Any, Callable[..., Any]]:
-    """Inductor decompositions for the fxdit ops present in ``gm`` (empty dict when none)."""
-    return {}
+    """Inductor decompositions for the fxdit ops present in ``gm`` (empty dict when none).
+
+    ``fxdit::grouped_attention`` on CPU → FlexAttention (inductor's C++ flex template); CUDA calls stay opaque
+    (Triton kernel). Pass the result, merged with inductor's default table, as ``compile_fx(decompositions=...)``.
+    """
+    table: dict[Any, Callable[..., Any]] = {}
+    if _has_grouped_attention_on_cpu(gm):
+        table[torch.ops.fxdit.grouped_attention.default] = _grouped_attention_decomp
+    return table
 
 
 def inductor_patches_for(gm: fx.GraphModule) -> dict[str, Any]:
-    """Inductor ``config_patches`` needed by the fxdit ops in ``gm`` (empty when none)."""
+    """Inductor ``config_patches`` the fxdit ops in ``gm`` need (empty when none).
+
+    ``epilogue_fusion=False`` when the CPU grouped attention is present: inductor's C++ flex template raises
+    ``NotImplementedError: Unsupported for epilogue_nodes`` when a same-index pointwise consumer is fused into it.
+    ``epilogue_fusion`` only governs template epilogues (default CPU GEMMs are extern calls), so this is the
+    narrowest switch available without patching inductor.
+    """
+    if _has_grouped_attention_on_cpu(gm):
+        return {"epilogue_fusion": False}
     return {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fxdit::lowrank_increment (ICC; owned by helper "calibration" — keep this section at the end of the file)
+# ---------------------------------------------------------------------------------------------------------------
+#
+# ``fxdit::lowrank_increment(x, x_cached, y_cached, B, A) = y_cached + (x − x_cached) @ B.T @ A.T``
+# (:func:`fxdit.kernels.reference.lowrank_increment_ref`). CUDA: the fused Triton kernel
+# (:mod:`fxdit.kernels.lowrank_increment`); CPU eager: the reference; under fxdit's backend on CPU the op is
+# decomposed (below) so inductor compiles it with the rest of the graph.
+
+from fxdit.kernels.reference import lowrank_increment_ref as _lowrank_increment_ref  # noqa: E402
+
+__all__.append("lowrank_increment")
+
+
+@torch.library.custom_op("fxdit::lowrank_increment", mutates_args=())
+def lowrank_increment(x: Tensor, x_cached: Tensor, y_cached: Tensor, B: Tensor, A: Tensor) -> Tensor:
+    """``y_cached + (x − x_cached) @ B.T @ A.T``; returns a new contiguous ``[..., out]`` tensor."""
+    if x.is_cuda:
+        from fxdit.kernels.lowrank_increment import lowrank_increment as _triton
+
+        return _triton(x, x_cached, y_cached, B, A)
+    return _lowrank_increment_ref(x, x_cached, y_cached, B, A)
+
+
+@lowrank_increment.register_fake
+def _lowrank_increment_fake(x: Tensor, x_cached: Tensor, y_cached: Tensor, B: Tensor, A: Tensor) -> Tensor:
+    # Both real paths return a fresh contiguous tensor shaped like y_cached.
+    return torch.empty(y_cached.shape, dtype=y_cached.dtype, device=y_cached.device)
+
+
+def _lowrank_increment_decomp(x: Tensor, x_cached: Tensor, y_cached: Tensor, B: Tensor, A: Tensor) -> Tensor:
+    # Difference first, then two skinny GEMMs, the second fused with the Y_c add by addmm. Measured on the 2-core
+    # CPU box (compiled, fp32, d=1152, r=128, 512 tokens, medians of interleaved calls; see
+    # tools/bench_lowrank_increment.py): this form beats ``addmm(y_c, x@Bᵀ − x_c@Bᵀ, Aᵀ)`` (two GEMMs on the
+    # input width instead of one) — numbers in the calibration report / design notes. The "projcache" variant
+    # (cache Z_c = X_c·Bᵀ instead of X_c) needs a different cache and is the cache pass's choice, not this op's.
+    k, n = x.shape[-1], A.shape[0]
+    z = torch.mm((x - x_cached).reshape(-1, k), B.t())
+    y = torch.addmm(y_cached.reshape(-1, n), z, A.t())
+    return y.reshape(y_cached.shape)
+
+
+def _has_cpu_call(gm: fx.GraphModule, op: Any) -> bool:
+    """Whether ``gm`` calls ``op`` on CPU tensors (CUDA calls keep the Triton kernel)."""
+    targets = (op, op.default)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in targets:
+            val = node.meta.get("val", node.meta.get("example_value"))
+            if not isinstance(val, Tensor) or val.device.type == "cpu":
+                return True
+    return False
+
+
+_decompositions_for_base = decompositions_for
+
+
+def decompositions_for(gm: fx.GraphModule) -> dict[Any, Callable[..., Any]]:  # noqa: F811
+    """Inductor decompositions for the fxdit ops present in ``gm`` (empty dict when none)."""
+    table = dict(_decompositions_for_base(gm))
+    if _has_cpu_call(gm, torch.ops.fxdit.lowrank_increment):
+        table[torch.ops.fxdit.lowrank_increment.default] = _lowrank_increment_decomp
+    return table

@@ -90,3 +90,44 @@ def grouped_attention_ref(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, kv_g
     p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
     out = torch.matmul(p, vc)
     return out.to(out_dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lowrank_increment_ref (ICC low-rank increment; owned by helper "calibration")
+# ---------------------------------------------------------------------------------------------------------------
+
+__all__.append("lowrank_increment_ref")
+
+
+def lowrank_increment_ref(x: Tensor, x_cached: Tensor, y_cached: Tensor, B: Tensor, A: Tensor, *,
+                          compute_dtype: torch.dtype | None = None) -> Tensor:
+    """ICC's increment-calibrated output ``Y = Y_c + (X − X_c)·Bᵀ·Aᵀ`` (row-vector convention, no bias).
+
+    The oracle for :func:`fxdit.kernels.lowrank_increment.lowrank_increment` and the CPU path of
+    ``fxdit::lowrank_increment``.
+
+    Args:
+        x: current input ``[..., in]``.
+        x_cached: input cached at the last full step, same shape as ``x``.
+        y_cached: output (bias included) cached at the last full step, ``[..., out]`` (same leading dims).
+        B: ``[r, in]`` right factor.
+        A: ``[out, r]`` left factor (``A @ B ≈ W``).
+        compute_dtype: dtype to compute in (``None``: the input dtype; pass ``torch.float64`` for a golden value).
+
+    Returns:
+        ``[..., out]`` contiguous, dtype of ``y_cached``.
+    """
+    if x.shape != x_cached.shape:
+        raise ValueError(f"lowrank_increment_ref: x {tuple(x.shape)} and x_cached {tuple(x_cached.shape)} differ")
+    if B.dim() != 2 or A.dim() != 2 or B.shape[1] != x.shape[-1] or A.shape[1] != B.shape[0]:
+        raise ValueError(f"lowrank_increment_ref: expected B [r, {x.shape[-1]}] and A [out, r], got "
+                         f"{tuple(B.shape)} and {tuple(A.shape)}")
+    if tuple(y_cached.shape) != tuple(x.shape[:-1]) + (A.shape[0],):
+        raise ValueError(f"lowrank_increment_ref: y_cached {tuple(y_cached.shape)}; expected "
+                         f"{tuple(x.shape[:-1]) + (A.shape[0],)}")
+    dt = compute_dtype or y_cached.dtype
+    k, n = x.shape[-1], A.shape[0]
+    diff = (x.to(dt) - x_cached.to(dt)).reshape(-1, k)
+    z = diff @ B.to(dt).t()
+    y = torch.addmm(y_cached.to(dt).reshape(-1, n), z, A.to(dt).t())
+    return y.reshape(y_cached.shape).to(y_cached.dtype).contiguous()
