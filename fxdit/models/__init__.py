@@ -26,7 +26,7 @@ from torch import nn
 
 from fxdit.errors import FxditError, did_you_mean
 
-__all__ = ["Expected", "ModelSpec", "build", "names", "resolve", "REFERENCE_NAMES", "DIFFUSERS_NAMES"]
+__all__ = ["Expected", "ModelSpec", "build", "names", "output_tensor", "resolve", "REFERENCE_NAMES", "DIFFUSERS_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ class Expected:
         image_span: ``(start, stop)`` of the image tokens in the (joint) attention sequence, or ``None``.
         linear_roles_per_block: role counts of every block when blocks differ (Flux double/single-stream
             blocks), else ``None`` (every block has ``linear_roles``).
-        attention_per_block: attention calls per block when it is not 1 per block (PixArt: self + cross).
+        attention_per_block: attention calls per block when it is not 1 per block (PixArt, Wan: self + cross).
+        text_only_attention_sites: self-attention calls over text tokens only, outside the blocks (HunyuanVideo's
+            token refiner); included in ``attention_sites`` and ``self_attention_sites``.
         notes: how the numbers follow from the config.
     """
 
@@ -64,6 +66,7 @@ class Expected:
     image_span: tuple[int, int] | None = None
     linear_roles_per_block: list[dict[str, int]] | None = None
     attention_per_block: int = 1
+    text_only_attention_sites: int = 0
     notes: str = ""
 
     def roles(self, block: int = 0) -> dict[str, int]:
@@ -101,6 +104,22 @@ class ModelSpec:
     def run(self, m: Callable[..., Any] | None = None) -> Any:
         """Call ``m`` (default: the model) on the example inputs."""
         return (m if m is not None else self.model)(*self.args, **self.kwargs)
+
+    def sample(self, m: Callable[..., Any] | None = None) -> torch.Tensor:
+        """Like :meth:`run` but returns the output tensor (diffusers models return a tuple or a dataclass)."""
+        return output_tensor(self.run(m))
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The sample tensor of a model output: the tensor itself, ``out[0]`` of a tuple, or ``out.sample``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return output_tensor(out[0])
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(f"cannot find the output tensor in a {type(out).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------------------
