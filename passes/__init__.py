@@ -9,8 +9,9 @@ from __future__ import annotations
 from fxdit.passes._base import PassReport
 from fxdit.passes.find_attention import find_attention
 from fxdit.passes.find_blocks import find_blocks
+from fxdit.passes.rewrite_grouped_attention import rewrite_grouped_attention
 
-__all__ = ["PIPELINE", "PassReport", "find_attention", "find_blocks"]
+__all__ = ["PIPELINE", "PassReport", "find_attention", "find_blocks", "rewrite_grouped_attention"]
 
 #: The passes the backend runs, in order, on every graph Dynamo hands it.
-PIPELINE = (find_attention, find_blocks)
+PIPELINE = (find_attention, find_blocks, rewrite_grouped_attention)
