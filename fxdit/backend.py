@@ -159,17 +159,13 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditConfig) -
     compiled = compile_fx(gm, inputs, config_patches=cfg.inductor_patches, decompositions=_decompositions(gm))
     if not consts:
         return compiled
-    boxed = getattr(compiled, "_boxed_call", False)
+    # Dynamo calls what compile_fx returns with positional arguments. (Its ``_boxed_call`` attribute is copied
+    # from the inner boxed function by aot_autograd's ``simple_wraps`` and does not describe it: passing it one
+    # list fails.)
 
     def with_constants(*args: Any) -> Any:
-        if boxed and len(args) == 1 and isinstance(args[0], list):
-            full = list(args[0]) + consts
-            args[0].clear()
-            return compiled(full)
-        full = list(args) + consts
-        return compiled(full) if boxed else compiled(*full)
+        return compiled(*args, *consts)
 
-    with_constants._boxed_call = boxed  # type: ignore[attr-defined]
     return with_constants
 
 
