@@ -10,7 +10,8 @@ output, at its dtype size). The counts come both as numbers at the traced shapes
 
 How a traced shape becomes an expression (a heuristic: shapes are numbers, the graph does not say which number
 is which). Weights are never symbolic: a tensor is *constant* when it is a parameter/buffer placeholder, a
-``get_attr``, or computed only from constants; its dims stay numbers. For every other (activation) tensor:
+``get_attr``, a constant fxdit lifted into an input (factors, mask tables), or computed only from constants; its
+dims stay numbers. For every other (activation) tensor:
 
 * dim 0 equal to the traced batch ``b0`` is ``B``; dim 0 a multiple ``b0·k`` (``b0 > 1``) is ``B·k'`` where
   ``k'`` is ``k`` mapped by the next rule (so a flattened ``(b0·n0, C)`` is ``(B·N, C)`` and a ``(b0·H, N, D)``
@@ -31,8 +32,8 @@ Per op (``*`` = product of the output's dims, ``K`` = contracted size):
   ``node.meta["fxdit"]["grat"]["density"]`` (1 when absent); bytes are q, k, v, out and the mask tables.
   Nodes that belong to an :class:`~fxdit.passes._records.AttentionSite` (the unfused matmul/softmax chain) are
   counted in the ``attention`` class;
-* ``fxdit::lowrank_increment``: ``tokens·(in + out)·rank``, with ``rank``, ``in`` and ``out`` read from the two
-  factor matrices among its inputs (``A: (out, r)``, ``B: (r, in)``);
+* ``fxdit::lowrank_increment(x, x_cached, y_cached, B, A)``: ``tokens·(in + out)·rank``, with ``rank``, ``in``
+  and ``out`` read from the factor shapes ``B: (r, in)`` and ``A: (out, r)``;
 * convolution: ``numel(out)·C_in/groups·prod(kernel)``;
 * elementwise ops: MACs = ``numel(out)``; reductions, norms, softmax (``other``): MACs = ``numel`` of the largest
   operand; copies (``memory``: cat, clone, dtype casts...): bytes only; views and metadata ops cost nothing.
@@ -261,27 +262,24 @@ def _static_shape(t: torch.Tensor) -> tuple[int, ...] | None:
         return None
 
 
-def _is_weight_placeholder(node: fx.Node, b0: int | None) -> bool:
+def _is_weight_placeholder(node: fx.Node) -> bool:
     if _WEIGHT_NAME.search(node.name) or _WEIGHT_NAME.search(str(node.target)):
         return True
     source = str(getattr(node, "_dynamo_source", ""))
     if "_parameters" in source or "_buffers" in source:
         return True
-    if (node.meta.get("fxdit") or {}).get("constant"):
-        # A lifted fxdit constant: factor matrices and mask tables are weights; caches (batch-leading) are not.
-        t = _tensor(fake_value(node))
-        shape = _static_shape(t) if t is not None else None
-        return not (shape and len(shape) >= 2 and b0 is not None and shape[0] == b0)
-    return False
+    # Lifted fxdit constants (factor matrices, BlockMask tables) are weights; ICC's cache inputs are not lifted
+    # constants, so they count as activations.
+    return bool((node.meta.get("fxdit") or {}).get("constant"))
 
 
-def _constant_nodes(gm: fx.GraphModule, b0: int | None) -> set[str]:
+def _constant_nodes(gm: fx.GraphModule) -> set[str]:
     const: set[str] = set()
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             const.add(n.name)
         elif n.op == "placeholder":
-            if _is_weight_placeholder(n, b0):
+            if _is_weight_placeholder(n):
                 const.add(n.name)
         elif n.op in ("call_function", "call_method", "call_module"):
             if all(i.name in const for i in n.all_input_nodes):
@@ -336,7 +334,7 @@ def _traced_dims(gm: fx.GraphModule, batch: int | None, tokens: int | None, text
             sources["B"] = f"dim 0 of {patch}"
         else:
             for n in gm.graph.nodes:
-                if n.op != "placeholder" or _is_weight_placeholder(n, None):
+                if n.op != "placeholder" or _is_weight_placeholder(n):
                     continue
                 t = _tensor(fake_value(n))
                 shape = _static_shape(t) if t is not None else None
@@ -353,7 +351,7 @@ class _Walker:
     def __init__(self, gm: fx.GraphModule, dims: TracedDims) -> None:
         self.gm = gm
         self.dims = dims
-        self.const = _constant_nodes(gm, dims.batch)
+        self.const = _constant_nodes(gm)
         self.grid_runs: list[tuple[tuple[int, ...], sympy.Expr]] = []
         grid = fxdit_meta(gm).get("token_grid")
         if grid is not None and dims.tokens == grid.tokens:
@@ -718,23 +716,13 @@ class _Walker:
 
     def _lowrank(self, node: fx.Node, inputs: Sequence[fx.Node],
                  io_bytes: sympy.Expr) -> tuple[str, sympy.Expr, sympy.Expr]:
+        """``fxdit::lowrank_increment(x, x_cached, y_cached, B, A)``: ``tokens·(in + out)·rank``."""
         out_shape = self.sym_shape(node)
-        x_shape = self.sym_shape(inputs[0]) if inputs else None
-        mats = [i for i in inputs if (s := _static_shape_of(i)) is not None and len(s) == 2 and self.is_const(i)]
-        if not mats:
-            mats = [i for i in inputs[1:] if (s := _static_shape_of(i)) is not None and len(s) == 2]
-        if not out_shape or not x_shape or len(mats) < 2:
+        b_shape, a_shape = _static_shape_of(_arg(node, 3, "B")), _static_shape_of(_arg(node, 4, "A"))
+        if not out_shape or not b_shape or not a_shape or len(b_shape) != 2 or len(a_shape) != 2:
             return "linear", _ZERO, io_bytes
-        in_f = _static_shape_of(inputs[0])[-1]
-        out_f = _static_shape_of(node)[-1]
-        rank = None
-        for a in mats:
-            for b in mats:
-                sa, sb = _static_shape_of(a), _static_shape_of(b)
-                if a is not b and sa[1] == sb[0] and sb[1] == in_f and sa[0] == out_f:
-                    rank = sa[1]
-        if rank is None:
-            rank = min(min(_static_shape_of(m)) for m in mats)
+        rank, in_f = b_shape
+        out_f = a_shape[0]
         tokens = sympy.Mul(*out_shape[:-1]) if len(out_shape) > 1 else sympy.Integer(1)
         return "linear", tokens * (in_f + out_f) * rank, io_bytes
 

@@ -217,7 +217,9 @@ def _attention_section(gm: fx.GraphModule, sites: Sequence[Any]) -> list[str]:
         if g is not None:
             density = g.get("density")
             speedup = g.get("ideal_speedup", (1.0 / density) if density else None)
-            rewrite = f"{g.get('layout', g.get('mode', 'grat'))}, density {_cell(density)}, ideal ×{_cell(speedup)}"
+            layout = g.get("layout") or " ".join(
+                str(x) for x in (g.get("mode", "grat"), f"group {_cell(g['group'])}" if g.get("group") else "") if x)
+            rewrite = f"{layout}, density {_cell(density)}, ideal ×{_cell(speedup)}"
         else:
             rewrite = "-"
         mask = s.mask_kind if s.mask is None else f"{s.mask_kind} ({s.mask})"
