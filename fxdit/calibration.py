@@ -363,8 +363,11 @@ class Factors:
 
     # -- verification ------------------------------------------------------------------------------------------
 
-    def verify(self, weights: Mapping[str, Tensor], *, source: str = "the model") -> None:
+    def verify(self, weights: Mapping[str, Tensor], *, source: str = "the model", partial: bool = False) -> None:
         """Check that ``weights`` (module path → weight) are the ones these factors were calibrated on.
+
+        With ``partial=True`` only the modules present in ``weights`` are checked (a graph break splits a model's
+        linears over several graphs); otherwise a missing module is an error.
 
         Same dtype as at calibration: every weight's sha256 must match. Another float dtype: the sketch
         projections must agree within 4× that dtype's rounding (so changes of ≳1–2 % of ``‖W‖_F`` are caught even
@@ -379,12 +382,14 @@ class Factors:
             log.warning("factors have no fingerprint; cannot check they belong to %s", source)
             return
         missing = [n for n in fp["names"] if n not in weights]
-        if missing:
+        if missing and not partial:
             raise FxditError(f"factors were calibrated for modules that {source} lacks: {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}; these factors belong to another model — "
                              "recalibrate (fxdit calibrate / fxdit.calibrate) for this one")
         changed, reshaped = [], []
         for i, name in enumerate(fp["names"]):
+            if name not in weights:
+                continue
             W = weights[name]
             if list(W.shape) != list(fp["shapes"][i]):
                 reshaped.append(f"{name} {list(W.shape)} (calibrated {fp['shapes'][i]})")
