@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from fxdit.config import FxditConfig
 from fxdit.errors import FxditError
 from fxdit.kernels import grat_layout as gl
+from fxdit.kernels import ops as _ops  # noqa: F401 - registers torch.ops.fxdit.grouped_attention
 from fxdit.passes._base import PassReport, ReportBuilder
 from fxdit.passes._fx_utils import fake_value, finish, fxdit_meta, lift_constant, nodes_by_name, shape_of
 from fxdit.passes._records import AttentionSite, TokenGrid
