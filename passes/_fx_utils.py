@@ -76,7 +76,7 @@ def _normalise_path(raw: str) -> str:
         if s.startswith(prefix):
             s = s[len(prefix):]
             break
-    s = s.replace("._modules", "").replace("_modules", "")
+    s = s.replace("__dict__['_modules']", "").replace("._modules", "").replace("_modules", "")
     s = _INDEX.sub(lambda m: "." + (m.group(1) if m.group(1) is not None else m.group(2)), s)
     return s.strip(".")
 

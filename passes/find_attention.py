@@ -1,9 +1,421 @@
-"""find_attention: placeholder until the analysis lands (returns an empty report)."""
-from __future__ import annotations
-import torch.fx as fx
-from fxdit.passes._base import PassReport
-from fxdit.passes._fx_utils import fxdit_meta
+"""find_attention: every attention site of a graph, as :class:`~fxdit.passes._records.AttentionSite` records.
 
-def find_attention(gm: fx.GraphModule, cfg=None) -> PassReport:
-    fxdit_meta(gm)["attention_sites"] = []
-    return PassReport("find_attention")
+Analysis only: the graph is not changed. Two families of call forms are recognised, both as data:
+
+* fused SDPA calls (:data:`SDPA_TARGETS`), whose arguments are normalised with one parameter table
+  (:data:`SDPA_PARAMS`: name, position, default), so the positional form (DiT, PixArt, SD3) and the keyword
+  form (Flux, Wan, HunyuanVideo) are the same code;
+* the unfused chain ``softmax(q @ kᵀ · scale [+ mask]) @ v`` (:data:`UNFUSED_CHAIN`): one row per step, each
+  listing the node kinds allowed there, optional steps and what the step records. ``@`` may be ``matmul``,
+  ``torch.bmm`` or ``.matmul``; kᵀ may be ``transpose(-2, -1)``, ``transpose(-1, -2)``, a permute swapping
+  the last two dims or ``.mT``; the scale may be ``*`` or ``/`` on the scores or on q (``"unfused_prescaled"``).
+
+Spans come from the token :class:`~fxdit.passes._dataflow.Layout` of q and k (see :mod:`._dataflow`): a
+joint sequence built by ``torch.cat`` of text and image tokens gives ``text_span``/``image_span``
+(``span_source="cat"``); image-only queries with image keys are ``"self"``; image queries with keys of another
+sequence are ``"cross"``; anything else is ``"unknown"`` (rewriting passes leave such sites dense).
+
+Results: ``fxdit_meta(gm)["attention_sites"]`` (graph order), ``node.meta["fxdit"]["attention"]`` on each
+site's output node, and ``fxdit_meta(gm)["block_paths"]`` (the block module paths the sites' ``block`` index
+refers to).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from fxdit.passes._base import PassReport, ReportBuilder
+from fxdit.passes._dataflow import Layout, Streams, block_index_map, block_paths, kind, token_streams
+from fxdit.passes._fx_utils import fake_value, fxdit_meta, node_meta, shape_of
+from fxdit.passes._records import AttentionSite
+
+__all__ = ["find_attention", "SDPA_PARAMS", "UNFUSED_CHAIN", "normalise_sdpa", "match_unfused"]
+
+log = logging.getLogger(__name__)
+
+#: SDPA's parameters: (name, default) in positional order (``torch.nn.functional.scaled_dot_product_attention``).
+SDPA_PARAMS: tuple[tuple[str, Any], ...] = (
+    ("query", None),
+    ("key", None),
+    ("value", None),
+    ("attn_mask", None),
+    ("dropout_p", 0.0),
+    ("is_causal", False),
+    ("scale", None),
+    ("enable_gqa", False),
+)
+
+
+def normalise_sdpa(node: fx.Node) -> tuple[dict[str, Any], str]:
+    """The SDPA call's arguments by parameter name (defaults filled in) and its form.
+
+    Returns:
+        ``(params, form)`` with form ``"sdpa_positional"`` when q is passed positionally, else
+        ``"sdpa_keyword"``.
+    """
+    params = {name: default for name, default in SDPA_PARAMS}
+    for (name, _), value in zip(SDPA_PARAMS, node.args):
+        params[name] = value
+    for name, value in node.kwargs.items():
+        if name in params:
+            params[name] = value
+    form = "sdpa_positional" if node.args else "sdpa_keyword"
+    return params, form
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """One step of the unfused chain, walked from the output backwards.
+
+    Attributes:
+        name: what the step records (``"pv"``, ``"probs"``, ``"softmax"``, ``"mask"``, ``"scale"``, ``"qk"``).
+        kinds: node kinds allowed at this step (see ``_dataflow.FUNCTION_KINDS``/``METHOD_KINDS``).
+        optional: the step may be absent.
+        repeat: the step may repeat (casts, dropout).
+    """
+
+    name: str
+    kinds: frozenset[str]
+    optional: bool = False
+    repeat: bool = False
+
+
+#: The unfused chain ``out = softmax(q @ kᵀ * scale + mask) @ v``, from the output backwards.
+UNFUSED_CHAIN: tuple[ChainStep, ...] = (
+    ChainStep("pv", frozenset({"matmul"})),
+    ChainStep("probs", frozenset({"cast", "dropout"}), optional=True, repeat=True),
+    ChainStep("softmax", frozenset({"softmax"})),
+    ChainStep("cast", frozenset({"cast"}), optional=True, repeat=True),
+    ChainStep("mask", frozenset({"elementwise:add"}), optional=True),
+    ChainStep("scale", frozenset({"elementwise:mul", "elementwise:div"}), optional=True, repeat=True),
+    ChainStep("qk", frozenset({"matmul"})),
+)
+
+#: Kinds that make kᵀ out of k (checked to swap the last two dims).
+TRANSPOSE_KINDS = frozenset({"transpose", "permute", "mT"})
+
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_DIV = {operator.truediv, torch.div, "div", "true_divide"}
+
+
+def _fine_kind(node: Any) -> str | None:
+    """``kind`` with elementwise ops split into ``elementwise:add|mul|div``."""
+    k = kind(node)
+    if k != "elementwise":
+        return k
+    t = node.target
+    if t in _ADD:
+        return "elementwise:add"
+    if t in _MUL:
+        return "elementwise:mul"
+    if t in _DIV:
+        return "elementwise:div"
+    return k
+
+
+def _scalar(v: Any) -> float | None:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
+def _split_scalar(node: fx.Node) -> tuple[fx.Node | None, float | None]:
+    """For ``x * c``, ``c * x`` or ``x / c`` with a Python number ``c``: ``(x, factor)``."""
+    a = node.args[0] if node.args else None
+    b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    fk = _fine_kind(node)
+    if fk == "elementwise:mul":
+        if isinstance(a, fx.Node) and _scalar(b) is not None:
+            return a, _scalar(b)
+        if isinstance(b, fx.Node) and _scalar(a) is not None:
+            return b, _scalar(a)
+    if fk == "elementwise:div" and isinstance(a, fx.Node) and _scalar(b):
+        return a, 1.0 / _scalar(b)  # type: ignore[operator]
+    return None, None
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    src = node.args[0] if node.args else None
+    s = shape_of(src)
+    if s is None:
+        return False
+    nd = len(s)
+    k = kind(node)
+    if k == "mT":
+        return True
+    if k == "transpose":
+        dims = {d % nd for d in node.args[1:3] if isinstance(d, int)}
+        return dims == {nd - 1, nd - 2}
+    if k == "permute":
+        dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = tuple(dims[0])
+        norm = [d % nd for d in dims if isinstance(d, int)]
+        return norm == list(range(nd - 2)) + [nd - 1, nd - 2]
+    return False
+
+
+def _softmax_dim(node: fx.Node) -> Any:
+    if len(node.args) > 1:
+        return node.args[1]
+    return node.kwargs.get("dim")
+
+
+def match_unfused(node: fx.Node) -> tuple[dict[str, Any] | None, str]:
+    """Match the unfused chain ending at ``node`` (the ``probs @ v`` matmul), walking :data:`UNFUSED_CHAIN`.
+
+    Returns:
+        ``(facts, "")`` on a match, with keys ``q, k, v, mask, scale, nodes, form``; ``(None, reason)`` for
+        a near miss (a softmax was found, so this looked like attention), ``(None, "")`` otherwise.
+    """
+    nodes: list[fx.Node] = []
+    cur: Any = node
+    facts: dict[str, Any] = {"mask": None, "scale": 1.0}
+    seen_softmax = False
+    for step in UNFUSED_CHAIN:
+        taken = 0
+        while isinstance(cur, fx.Node) and _fine_kind(cur) in step.kinds:
+            nxt, reason = _take(step.name, cur, facts, nodes)
+            if reason:
+                return None, reason
+            if nxt is None:  # the node fits the kind but not the step (e.g. a non-constant scale)
+                break
+            nodes.append(cur)
+            cur = nxt
+            taken += 1
+            if step.name == "softmax":
+                seen_softmax = True
+            if not step.repeat or step.name == "qk":
+                break
+        if taken == 0 and not step.optional:
+            if seen_softmax:
+                return None, f"unfused attention: no {'/'.join(sorted(step.kinds))} at step {step.name!r}"
+            return None, ""
+    if "q" not in facts or not isinstance(facts.get("v"), fx.Node):
+        return None, ""
+    facts["nodes"] = tuple(n.name for n in nodes)
+    return facts, ""
+
+
+def _take(step: str, cur: fx.Node, facts: dict[str, Any], nodes: list[fx.Node]) -> tuple[Any, str]:
+    """Apply one chain step to ``cur``: ``(next node, "")``, ``(None, "")`` (no fit) or ``(None, reason)``."""
+    if step == "pv":
+        if len(cur.args) < 2:
+            return None, ""
+        facts["v"] = cur.args[1]
+        return cur.args[0], ""
+    if step in ("probs", "cast"):
+        return (cur.args[0] if cur.args else None), ""
+    if step == "softmax":
+        src = cur.args[0] if cur.args else None
+        nd = len(shape_of(src) or ())
+        dim = _softmax_dim(cur)
+        if not isinstance(dim, int) or nd == 0 or dim % nd != nd - 1:
+            return None, "softmax not on the last dim"
+        return src, ""
+    if step == "mask":
+        a = cur.args[0] if cur.args else None
+        b = cur.args[1] if len(cur.args) > 1 else None
+        if _reaches_scores(a) and isinstance(b, fx.Node):
+            facts["mask"] = b
+            return a, ""
+        if _reaches_scores(b) and isinstance(a, fx.Node):
+            facts["mask"] = a
+            return b, ""
+        return None, ""
+    if step == "scale":
+        x, factor = _split_scalar(cur)
+        if x is None:
+            return None, ""
+        facts["scale"] *= factor
+        return x, ""
+    # "qk": q @ kᵀ, with an optional scale applied to q first
+    q = cur.args[0] if cur.args else None
+    kt = cur.args[1] if len(cur.args) > 1 else None
+    if not isinstance(kt, fx.Node) or kind(kt) not in TRANSPOSE_KINDS or not _swaps_last_two(kt):
+        return None, "unfused attention: the scores matmul's second operand is not k transposed"
+    nodes.append(kt)
+    facts["k"] = kt.args[0]
+    prescaled = False
+    while isinstance(q, fx.Node) and _fine_kind(q) in ("elementwise:mul", "elementwise:div"):
+        x, factor = _split_scalar(q)
+        if x is None:
+            break
+        nodes.append(q)
+        facts["scale"] *= factor
+        q = x
+        prescaled = True
+    facts["q"] = q
+    facts["form"] = "unfused_prescaled" if prescaled else "unfused"
+    return q, ""
+
+
+def _reaches_scores(n: Any, depth: int = 6) -> bool:
+    while isinstance(n, fx.Node) and depth > 0:
+        fk = _fine_kind(n)
+        if fk == "matmul":
+            return True
+        if fk in ("elementwise:mul", "elementwise:div", "cast"):
+            x, _ = _split_scalar(n) if fk != "cast" else (n.args[0], None)
+            n = x
+            depth -= 1
+            continue
+        return False
+    return False
+
+
+def _mask_kind(mask: Any) -> str:
+    if not isinstance(mask, fx.Node):
+        return "none"
+    val = fake_value(mask)
+    if isinstance(val, torch.Tensor) and val.dtype == torch.bool:
+        return "bool"
+    return "float"
+
+
+def _spans(q_lay: Layout | None, k_lay: Layout | None, q_len: int, kv_len: int, q_dim: int) -> dict[str, Any]:
+    """Spans, cross flag and span source of a site from the layouts of q and k."""
+    unknown = {"span_source": "unknown", "cross": kv_len != q_len}
+    if q_lay is None or q_lay.dim != q_dim:
+        return unknown
+    q_spans = q_lay.spans()
+    same = k_lay is not None and k_lay.merged() == q_lay.merged()
+    if not same:
+        k_streams = k_lay.streams if k_lay is not None else frozenset()
+        if q_lay.streams == {"image"} and (kv_len != q_len or k_streams - {"image"}):
+            return {"span_source": "cross", "cross": True, "image_span": (0, q_len)}
+        return unknown
+    if "unknown" in q_spans:
+        return unknown
+    img, txt = q_spans.get("image", []), q_spans.get("text", [])
+    if len(img) > 1 or len(txt) > 1:
+        return unknown
+    if img and not txt:
+        return {"span_source": "self", "image_span": img[0]}
+    if img and txt:
+        return {"span_source": "cat", "image_span": img[0], "text_span": txt[0]}
+    if txt:
+        return {"span_source": "text", "text_span": txt[0]}
+    return unknown
+
+
+def _site(node: fx.Node, form: str, nodes: tuple[str, ...], q: fx.Node, k: fx.Node, v: fx.Node, *,
+          mask: Any, scale: float | None, dropout: Any, causal: Any, gqa: Any, streams: Streams) -> AttentionSite | str:
+    qs, ks = shape_of(q), shape_of(k)
+    if qs is None or ks is None or len(qs) not in (3, 4) or len(ks) != len(qs):
+        return "q/k shapes unknown or not 3-D/4-D"
+    if len(qs) == 4:
+        batch, heads, q_len, head_dim = qs
+        kv_heads, kv_len = ks[1], ks[2]
+        layout = "BHSD"
+    else:
+        batch, q_len, head_dim = qs
+        heads = kv_heads = 1
+        kv_len = ks[1]
+        layout = "(BH)SD"
+    val = fake_value(q)
+    dtype = str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else "float32"
+    span = _spans(streams.layout(q), streams.layout(k), q_len, kv_len, len(qs) - 2)
+    return AttentionSite(
+        node=node.name, form=form, nodes=nodes, q=q.name, k=k.name, v=v.name,
+        batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+        scale=scale, mask=mask.name if isinstance(mask, fx.Node) else None, mask_kind=_mask_kind(mask),
+        dropout=float(dropout) if isinstance(dropout, (int, float)) else 0.0,
+        causal=bool(causal) if isinstance(causal, bool) else False,
+        enable_gqa=bool(gqa) if isinstance(gqa, bool) else False,
+        dtype=dtype, layout=layout,
+        image_span=span.get("image_span"), text_span=span.get("text_span"), cross=span.get("cross", False),
+        span_source=span["span_source"],
+    )
+
+
+def collect_sites(gm: fx.GraphModule, cfg: Any, rb: ReportBuilder | None = None) -> tuple[list[AttentionSite], Streams]:
+    """The attention sites of ``gm`` (graph order) and the token streams they were resolved against."""
+    streams = token_streams(gm, cfg)
+    sites: list[AttentionSite] = []
+    claimed: set[str] = set()
+    for node in gm.graph.nodes:
+        k = kind(node)
+        site: AttentionSite | str | None = None
+        if k == "sdpa":
+            params, form = normalise_sdpa(node)
+            q, key, v = params["query"], params["key"], params["value"]
+            if not all(isinstance(x, fx.Node) for x in (q, key, v)):
+                site = "SDPA q/k/v are not graph values"
+            else:
+                scale = params["scale"]
+                if scale is not None and _scalar(scale) is None:
+                    site = "SDPA scale is not a Python number"
+                else:
+                    site = _site(node, form, (node.name,), q, key, v, mask=params["attn_mask"],
+                                 scale=_scalar(scale), dropout=params["dropout_p"], causal=params["is_causal"],
+                                 gqa=params["enable_gqa"], streams=streams)
+        elif k == "matmul" and node.name not in claimed:
+            facts, reason = match_unfused(node)
+            if facts is None:
+                site = reason or None
+            else:
+                q, key, v = facts["q"], facts["k"], facts["v"]
+                if not all(isinstance(x, fx.Node) for x in (q, key, v)):
+                    site = "unfused attention: q/k/v are not graph values"
+                else:
+                    site = _site(node, facts["form"], facts["nodes"], q, key, v, mask=facts["mask"],
+                                 scale=facts["scale"], dropout=0.0, causal=False, gqa=False, streams=streams)
+                    if isinstance(site, AttentionSite) and site.layout == "BHSD" and site.heads != site.kv_heads:
+                        site = "unfused attention with different q/k head counts"
+        if site is None:
+            continue
+        if isinstance(site, str):
+            if rb is not None:
+                rb.skip(site, node.name)
+            continue
+        claimed.update(site.nodes)
+        sites.append(site)
+    # An unfused chain whose q @ kᵀ matmul was visited before its output matmul cannot double count: the
+    # chain is matched from its output (pv) matmul only; drop sites whose output is inside another site.
+    inner = {n for s in sites for n in s.nodes if n != s.node}
+    sites = [s for s in sites if s.node not in inner]
+    return sites, streams
+
+
+def find_attention(gm: fx.GraphModule, cfg: Any = None) -> PassReport:
+    """Record every attention site of ``gm``; the graph itself is left unchanged.
+
+    Args:
+        gm: a Dynamo graph (``example_value`` meta) or an aten graph (``val`` meta).
+        cfg: the :class:`~fxdit.config.FxditConfig` (only ``attention.grid`` is read, through the token grid).
+
+    Returns:
+        A report: ``matched`` = sites found, ``skipped`` = near misses by reason, ``details`` = counts by form
+        and span source.
+    """
+    rb = ReportBuilder("find_attention", gm, log)
+    sites, streams = collect_sites(gm, cfg, rb)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    blocks = block_paths(gm, [by_name[s.node] for s in sites],
+                         [by_name[s.node] for s in sites if s.image_span is not None])
+    where = block_index_map(gm, blocks)
+    for site in sites:
+        site.block = where.get(by_name[site.node])
+        node_meta(by_name[site.node])["attention"] = site
+    state = fxdit_meta(gm)
+    state["attention_sites"] = sites
+    state["block_paths"] = blocks
+    rb.matched = len(sites)
+    forms: dict[str, int] = {}
+    sources: dict[str, int] = {}
+    for s in sites:
+        forms[s.form] = forms.get(s.form, 0) + 1
+        sources[s.span_source] = sources.get(s.span_source, 0) + 1
+    rb.details.update({"forms": forms, "span_sources": sources, "cross": sum(s.cross for s in sites),
+                       "blocks": len(blocks)})
+    if streams.reason:
+        rb.details["streams"] = streams.reason
+    return rb.build()
+
