@@ -21,7 +21,6 @@ Importing this module registers the ops (``torch.library``); it has no other sid
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -99,28 +98,51 @@ def _grouped_attention_decomp(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, 
         # float64 / mixed dtypes / no AVX2: inductor compiles the dense masked formula instead.
         return grouped_attention_ref(q, k, v, q_group, kv_group, group_adj, kv_valid, scale=scale,
                                      compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    return _flex_grouped_attention(q, k, v, q_group, kv_group, group_adj, kv_num_blocks, kv_indices,
+                                   full_kv_num_blocks, full_kv_indices, kv_valid, scale, block_size)
+
+
+def _mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor, group_adj: Tensor, q_group: Tensor,
+              kv_group: Tensor) -> Tensor:
+    return group_adj[q_group[q_idx], kv_group[kv_idx]]
+
+
+def _mask_mod_valid(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor, group_adj: Tensor, q_group: Tensor,
+                    kv_group: Tensor, kv_valid: Tensor) -> Tensor:
+    return group_adj[q_group[q_idx], kv_group[kv_idx]] & kv_valid[b, kv_idx]
+
+
+def _flex_grouped_attention(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, kv_group: Tensor, group_adj: Tensor,
+                            kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor,
+                            full_kv_indices: Tensor, kv_valid: Optional[Tensor], scale: float,
+                            block_size: int) -> Tensor:
+    """The FlexAttention higher-order op over a BlockMask built from the tables.
+
+    The HOP is called directly (not ``flex_attention()``): under AOT tracing the public function wraps the HOP in a
+    nested ``torch.compile`` whose Dynamo cache entry is reused by later compilations in the same process, which then
+    fail inductor's FakeTensorUpdater ("A subgraph argument other than striding has been modified") when a second
+    graph uses a different mask. The mask tensors go in as explicit ``mask_mod_other_buffers`` (the form the HOP
+    expects) instead of closures.
+    """
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_hop
+    from torch.nn.attention.flex_attention import BlockMask, _apply_kernel_options, _identity
 
     sq, sk = q.shape[2], k.shape[2]
     if kv_valid is None:
-        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return group_adj[q_group[q_idx], kv_group[kv_idx]]
-
+        mask_mod: Callable[..., Tensor] = _mask_mod
+        buffers: tuple[Tensor, ...] = (group_adj, q_group, kv_group)
         tables = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
     else:
-        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return group_adj[q_group[q_idx], kv_group[kv_idx]] & kv_valid[b, kv_idx]
-
+        mask_mod = _mask_mod_valid
+        buffers = (group_adj, q_group, kv_group, kv_valid)
         # a "full" block is full under group_adj only; with per-batch key validity every block is masked
         num, idx = _merge_full_into_partial(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                                             -(-sk // block_size))
         tables = (num, idx, None, None)
-    block_mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(sq, sk),
-                                          compute_q_blocks=False)
-    with warnings.catch_warnings():
-        # traced into inductor's flex template here; the "called without torch.compile" warning does not apply
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    block_mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block_size, mask_mod=mask_mod,  # type: ignore[arg-type]
+                                          seq_lengths=(sq, sk), compute_q_blocks=False)
+    kernel_options = _apply_kernel_options(q, k, v, False, None)
+    out, _, _ = flex_attention_hop(q, k, v, _identity, block_mask.as_tuple(), scale, kernel_options, (), buffers)
     return out
 
 
@@ -157,67 +179,3 @@ def inductor_patches_for(gm: fx.GraphModule) -> dict[str, Any]:
     if _has_grouped_attention_on_cpu(gm):
         return {"epilogue_fusion": False}
     return {}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fxdit::lowrank_increment (ICC; owned by helper "calibration" — keep this section at the end of the file)
-# ---------------------------------------------------------------------------------------------------------------
-#
-# ``fxdit::lowrank_increment(x, x_cached, y_cached, B, A) = y_cached + (x − x_cached) @ B.T @ A.T``
-# (:func:`fxdit.kernels.reference.lowrank_increment_ref`). CUDA: the fused Triton kernel
-# (:mod:`fxdit.kernels.lowrank_increment`); CPU eager: the reference; under fxdit's backend on CPU the op is
-# decomposed (below) so inductor compiles it with the rest of the graph.
-
-from fxdit.kernels.reference import lowrank_increment_ref as _lowrank_increment_ref  # noqa: E402
-
-__all__.append("lowrank_increment")
-
-
-@torch.library.custom_op("fxdit::lowrank_increment", mutates_args=())
-def lowrank_increment(x: Tensor, x_cached: Tensor, y_cached: Tensor, B: Tensor, A: Tensor) -> Tensor:
-    """``y_cached + (x − x_cached) @ B.T @ A.T``; returns a new contiguous ``[..., out]`` tensor."""
-    if x.is_cuda:
-        from fxdit.kernels.lowrank_increment import lowrank_increment as _triton
-
-        return _triton(x, x_cached, y_cached, B, A)
-    return _lowrank_increment_ref(x, x_cached, y_cached, B, A)
-
-
-@lowrank_increment.register_fake
-def _lowrank_increment_fake(x: Tensor, x_cached: Tensor, y_cached: Tensor, B: Tensor, A: Tensor) -> Tensor:
-    # Both real paths return a fresh contiguous tensor shaped like y_cached.
-    return torch.empty(y_cached.shape, dtype=y_cached.dtype, device=y_cached.device)
-
-
-def _lowrank_increment_decomp(x: Tensor, x_cached: Tensor, y_cached: Tensor, B: Tensor, A: Tensor) -> Tensor:
-    # Difference first, then two skinny GEMMs, the second fused with the Y_c add by addmm. Measured on the 2-core
-    # CPU box (compiled, fp32, d=1152, r=128, 512 tokens, medians of interleaved calls; see
-    # tools/bench_lowrank_increment.py): this form beats ``addmm(y_c, x@Bᵀ − x_c@Bᵀ, Aᵀ)`` (two GEMMs on the
-    # input width instead of one) — numbers in the calibration report / design notes. The "projcache" variant
-    # (cache Z_c = X_c·Bᵀ instead of X_c) needs a different cache and is the cache pass's choice, not this op's.
-    k, n = x.shape[-1], A.shape[0]
-    z = torch.mm((x - x_cached).reshape(-1, k), B.t())
-    y = torch.addmm(y_cached.reshape(-1, n), z, A.t())
-    return y.reshape(y_cached.shape)
-
-
-def _has_cpu_call(gm: fx.GraphModule, op: Any) -> bool:
-    """Whether ``gm`` calls ``op`` on CPU tensors (CUDA calls keep the Triton kernel)."""
-    targets = (op, op.default)
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in targets:
-            val = node.meta.get("val", node.meta.get("example_value"))
-            if not isinstance(val, Tensor) or val.device.type == "cpu":
-                return True
-    return False
-
-
-_decompositions_for_base = decompositions_for
-
-
-def decompositions_for(gm: fx.GraphModule) -> dict[Any, Callable[..., Any]]:  # noqa: F811
-    """Inductor decompositions for the fxdit ops present in ``gm`` (empty dict when none)."""
-    table = dict(_decompositions_for_base(gm))
-    if _has_cpu_call(gm, torch.ops.fxdit.lowrank_increment):
-        table[torch.ops.fxdit.lowrank_increment.default] = _lowrank_increment_decomp
-    return table
