@@ -272,14 +272,20 @@ def _role(path: str) -> str:
     return "other"
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_expected_matches_the_graph(name):
+GRAPH_CASES = [pytest.param(n, {}, marks=_needs(n), id=n) for n in models.names()] + [
+    pytest.param("sd3", {"dual_attention_layers": (0,)}, id="sd3-dual", marks=_needs("sd3")),
+    pytest.param("dit-tiny", {"text_tokens": 4, "text_position": "after"}, id="dit-tiny-text"),
+]
+
+
+@pytest.mark.parametrize("name,overrides", GRAPH_CASES)
+def test_expected_matches_the_graph(name, overrides):
     import re
     from collections import Counter
 
     from fxdit.passes._fx_utils import module_path
 
-    spec = models.build(name)
+    spec = models.build(name, **overrides)
     graphs = []
 
     def record(gm, example_inputs):
@@ -292,33 +298,42 @@ def test_expected_matches_the_graph(name):
     graph = graphs[0].graph
     exp = spec.expected
 
-    # Attention sites: count, self/cross, sequence lengths against the spans and the token grid.
+    # Attention sites: count, kind of each call in graph order (sequence lengths against spans and grid), block.
     n_img = exp.tokens
     n_txt = 0 if exp.text_span is None else exp.text_span[1] - exp.text_span[0]
-    attn = [n for n in graph.nodes if n.op == "call_function" and n.target is torch._C._nn.scaled_dot_product_attention]
+    if exp.image_span is not None:
+        assert exp.image_span[1] - exp.image_span[0] == n_img
+    block_paths = list(dict.fromkeys(
+        m.group(1) for n in graph.nodes if (m := re.match(_BLOCK_PATH, module_path(n) + "."))
+    ))
     if "unfused" in name:
         attn = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.softmax]
         assert len(attn) == exp.attention_sites
     else:
-        kinds = Counter()
+        attn = [n for n in graph.nodes
+                if n.op == "call_function" and n.target is torch._C._nn.scaled_dot_product_attention]
+        kinds, blocks = [], []
         for node in attn:
             q = node.args[0] if node.args else node.kwargs["query"]
             k = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
             q_len, kv_len = q.meta["example_value"].shape[-2], k.meta["example_value"].shape[-2]
             if q_len != kv_len:
                 assert q_len == n_img
-                kinds["cross"] += 1
-            elif exp.text_only_attention_sites and q_len != n_img + n_txt:
-                kinds["text_only"] += 1
-                kinds["self"] += 1
+                kinds.append("cross")
+            elif q_len == n_img + n_txt and n_txt:
+                kinds.append("joint")
+            elif q_len == n_img:
+                kinds.append("image")
             else:
-                assert q_len == n_img + n_txt
-                kinds["self"] += 1
+                kinds.append("text")
+            match = re.match(_BLOCK_PATH, module_path(node) + ".")
+            blocks.append(block_paths.index(match.group(1)) if match else None)
+        assert tuple(kinds) == exp.site_kinds
+        assert tuple(blocks) == exp.site_blocks
         assert len(attn) == exp.attention_sites
-        assert kinds["self"] == exp.self_attention_sites and kinds["cross"] == exp.cross_attention_sites
-        assert kinds["text_only"] == exp.text_only_attention_sites
-    if exp.image_span is not None:
-        assert exp.image_span[1] - exp.image_span[0] == n_img
+        assert kinds.count("cross") == exp.cross_attention_sites
+        assert len(kinds) - kinds.count("cross") == exp.self_attention_sites
+        assert kinds.count("text") == exp.text_only_attention_sites
 
     # Blocks and linear roles per block, by module path.
     per_block: dict[str, Counter] = {}
@@ -333,3 +348,18 @@ def test_expected_matches_the_graph(name):
         want = Counter({r: c for r, c in exp.roles(i).items() if c})
         want.update(_PATH_EXTRA.get(name, {}).get(i, {}))
         assert dict(counts) == dict(want), f"block {i}"
+
+
+@pytest.mark.skipif(not _HAS_DIFFUSERS, reason="diffusers is not installed")
+def test_tiny_overrides():
+    from fxdit.models import tiny
+
+    spec = models.build("wan", num_layers=1, frames=2)
+    assert len(spec.model.blocks) == 1
+    assert spec.expected.blocks == 1 and spec.expected.token_grid == (2, 4, 6)
+    assert spec.args[0].shape[2] == 2
+    assert tiny.expected_for("flux", num_single_layers=3).blocks == 4
+    with pytest.raises(FxditError, match="num_layer"):
+        models.build("wan", num_layer=1)
+    with pytest.raises(FxditError, match="flx"):
+        tiny.build("flx")

@@ -53,6 +53,10 @@ class Expected:
         attention_per_block: attention calls per block when it is not 1 per block (PixArt, Wan: self + cross).
         text_only_attention_sites: self-attention calls over text tokens only, outside the blocks (HunyuanVideo's
             token refiner); included in ``attention_sites`` and ``self_attention_sites``.
+        site_kinds: one entry per attention call, in graph order: ``"image"`` (self-attention over the image
+            tokens alone), ``"joint"`` (self-attention over text + image tokens, ordered as the spans say),
+            ``"text"`` (self-attention over text tokens alone) or ``"cross"`` (image queries, text keys).
+        site_blocks: for each attention call, the index of its block (``None`` outside the blocks).
         notes: how the numbers follow from the config.
     """
 
@@ -67,6 +71,8 @@ class Expected:
     linear_roles_per_block: list[dict[str, int]] | None = None
     attention_per_block: int = 1
     text_only_attention_sites: int = 0
+    site_kinds: tuple[str, ...] = ()
+    site_blocks: tuple[int | None, ...] = ()
     notes: str = ""
 
     def roles(self, block: int = 0) -> dict[str, int]:
@@ -151,6 +157,8 @@ def dit_expected(cfg: Any) -> Expected:
         token_grid=cfg.grid,
         text_span=text_span,
         image_span=image_span,
+        site_kinds=("joint" if txt else "image",) * cfg.depth,
+        site_blocks=tuple(range(cfg.depth)),
         notes="depth blocks x 1 self-attention; per block qkv, proj, fc1, fc2, adaLN_modulation.1",
     )
 

@@ -97,6 +97,8 @@ def _dit_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
         linear_roles=_roles(q=1, k=1, v=1, attn_out=1, mlp_in=1, mlp_out=1, modulation=1, other=2),
         token_grid=(1, g, g),
         image_span=(0, g * g),
+        site_kinds=("image",) * n_layers,
+        site_blocks=tuple(range(n_layers)),
         notes="num_layers blocks x attn1 (self); the block embeds timestep+class itself (2 'other' linears)",
     )
 
@@ -145,6 +147,8 @@ def _pixart_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
         token_grid=(1, g, g),
         image_span=(0, g * g),
         attention_per_block=2,
+        site_kinds=("image", "cross") * n_layers,
+        site_blocks=tuple(i for i in range(n_layers) for _ in range(2)),
         notes="num_layers blocks x (attn1 self + attn2 cross with padded-caption float mask)",
     )
 
@@ -192,6 +196,8 @@ def _sd3_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
         token_grid=(1, gh, gw),
         image_span=(0, n),
         text_span=(n, n + n_txt),
+        site_kinds=tuple(k for i in range(n_layers) for k in (("joint", "image") if i in dual else ("joint",))),
+        site_blocks=tuple(i for i in range(n_layers) for _ in range(2 if i in dual else 1)),
         notes="joint attention, image first; last block context_pre_only (no to_add_out / ff_context)",
     )
 
@@ -250,6 +256,8 @@ def _flux_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
         token_grid=(1, gh, gw),
         text_span=(0, n_txt),
         image_span=(n_txt, n_txt + n),
+        site_kinds=("joint",) * (n_double + n_single),
+        site_blocks=tuple(range(n_double + n_single)),
         notes="num_layers double-stream + num_single_layers single-stream blocks, text first, RoPE from ids",
     )
 
@@ -299,6 +307,8 @@ def _hunyuan_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
         image_span=(0, n),
         text_span=(n, n + n_txt),
         text_only_attention_sites=n_ref,
+        site_kinds=("text",) * n_ref + ("joint",) * (n_double + n_single),
+        site_blocks=(None,) * n_ref + tuple(range(n_double + n_single)),
         notes="token refiner (text only) + double-stream + single-stream blocks, image first, bool text mask",
     )
 
@@ -334,6 +344,8 @@ def _wan_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
         token_grid=grid,
         image_span=(0, n),
         attention_per_block=2,
+        site_kinds=("image", "cross") * n_layers,
+        site_blocks=tuple(i for i in range(n_layers) for _ in range(2)),
         notes="num_layers blocks x (attn1 self + attn2 cross), head_dim = attention_head_dim (12 here)",
     )
 
