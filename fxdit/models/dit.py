@@ -125,6 +125,8 @@ class DiTConfig:
             raise _bad("patch", self.patch, "an integer or one integer per input_size axis")
         if len(patch) != len(size) or not all(_is_int(p) and p >= 1 for p in patch):
             raise _bad("patch", self.patch, f"an integer >= 1 or {len(size)} integers >= 1")
+        if not _is_int(self.patch):
+            object.__setattr__(self, "patch", patch)
         if any(s % p for s, p in zip(size, patch)):
             raise _bad("input_size", self.input_size, f"divisible by the patch {patch}")
         if len(size) == 2 and self.hidden % 4:
