@@ -1,0 +1,263 @@
+"""ICC graph passes: plan_cache, record_linear_caches, insert_lowrank_increments (graph level, no inductor).
+
+The cached variant is run eagerly (the FX graph itself; fxdit::lowrank_increment's CPU path is the reference)
+against the full variant at the same inputs: with weights that are exactly rank r and rank-r SVD factors the
+increment path reproduces the full step, for every cached role and form.
+"""
+
+import torch
+import torch.fx as fx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fxdit.kernels.ops  # noqa: F401  (registers the fxdit ops)
+import pytest
+from fxdit.calibration import Factors, weight_fingerprint
+from fxdit.config import FxditConfig
+from fxdit.errors import FxditError
+from fxdit.models.dit import DiT, DiTConfig
+from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, lifted_constants
+from fxdit.passes.find_attention import find_attention
+from fxdit.passes.find_blocks import find_blocks
+from fxdit.passes.insert_lowrank_increments import insert_lowrank_increments
+from fxdit.passes.plan_cache import cache_slots, plan_cache
+from fxdit.passes.record_linear_caches import record_linear_caches
+
+CACHED = ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out")
+
+
+def capture(model, *args, inside=None):
+    """The Dynamo graph of ``model(*args)`` and its example inputs (one graph); ``inside(gm)`` runs in the backend
+    (where placeholders still carry their example tensors) and its result is returned instead."""
+    got = []
+
+    def backend(gm, example_inputs):
+        got.append(inside(gm) if inside is not None else (gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(*args)
+    assert len(got) == 1
+    return got[0]
+
+
+def analysed(gm):
+    work = fresh_copy(gm)
+    cfg = FxditConfig()
+    find_attention(work, cfg)
+    find_blocks(work, cfg)
+    return work
+
+
+def lowrank_model(cfg: DiTConfig, rank: int, seed: int = 0):
+    """A reference DiT whose cached linear weights (each q/k/v third of a fused qkv) are exactly rank ``rank``."""
+    torch.manual_seed(seed)
+    model = DiT(cfg).eval()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if not (isinstance(mod, torch.nn.Linear) and name.startswith("blocks.")):
+                continue
+            if name.split(".")[-1] not in ("qkv", "proj", "fc1", "fc2"):
+                continue
+            out, inp = mod.weight.shape
+            parts = 3 if name.endswith("qkv") else 1
+            rows = out // parts
+            for p in range(parts):
+                w = torch.randn(rows, rank) @ torch.randn(rank, inp) / (rank * inp) ** 0.5
+                mod.weight[p * rows:(p + 1) * rows] = w
+    return model
+
+
+def svd_factors(model, work, rank=None, qkv="separate", skip=()):
+    """Factors for every cacheable linear find_blocks found in ``work`` (module paths from the graph)."""
+    facs, weights = {}, {}
+    base = model
+    for block in fxdit_meta(work)["blocks"]:
+        for lin in block.linears:
+            if lin.role not in CACHED or lin.module in skip:
+                continue
+            W = base.get_submodule(lin.module).weight.detach()
+            weights[lin.module] = W
+            parts = {lin.module: W}
+            if lin.role == "qkv" and qkv == "separate":
+                d = W.shape[0] // 3
+                parts = {f"{lin.module}:{c}": W[i * d:(i + 1) * d] for i, c in enumerate("qkv")}
+            for key, Wp in parts.items():
+                U, S, Vh = torch.linalg.svd(Wp.double(), full_matrices=False)
+                r = min(rank or S.numel(), S.numel())
+                facs[key] = ((U[:, :r] * S[:r]).float().contiguous(), Vh[:r].float().contiguous())
+    return Factors(facs, fingerprint=weight_fingerprint(weights))
+
+
+def cfg_for(factors, **cache):
+    return FxditConfig.from_options({"cache": {"factors": factors, "schedule": {"period": 2}, **cache},
+                                     "on_pass_error": "raise"})
+
+
+def run_variants(work, example_inputs, cfg):
+    """Outputs of the original graph, the full variant, and the cached variant fed the full variant's caches."""
+    plan = fxdit_meta(work)["cache_plan"]
+    full = fresh_copy(work)
+    rep_full = record_linear_caches(full, cfg)
+    cached = fresh_copy(work)
+    rep_cached = insert_lowrank_increments(cached, cfg)
+    with torch.no_grad():
+        ref = work(*example_inputs)
+        out_full = full(*example_inputs, *lifted_constants(full))
+        n = rep_full.details["user_outputs"]
+        caches = list(out_full[n:])
+        assert len(caches) == len(cache_slots(plan))
+        out_cached = cached(*example_inputs, *caches, *lifted_constants(cached))
+    return ref, out_full[:n], out_cached, rep_full, rep_cached, full, cached
+
+
+@settings(max_examples=10)  # each example captures a Dynamo graph (~1-3 s on the shared CPU)
+@given(depth=st.integers(1, 2), hidden=st.sampled_from([32, 48]), heads=st.sampled_from([2, 4]),
+       rank=st.integers(2, 6), qkv=st.sampled_from(["separate", "joint"]),
+       roles=st.sets(st.sampled_from(["qkv", "attn_out", "mlp_in", "mlp_out"]), min_size=1),
+       form=st.sampled_from(["x", "projcache"]))
+def test_increment_exact_for_exact_lowrank_weights(depth, hidden, heads, rank, qkv, roles, form):
+    cfg_model = DiTConfig(depth=depth, hidden=hidden, heads=heads, input_size=(8, 8), num_classes=4)
+    model = lowrank_model(cfg_model, rank)
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([500.0, 500.0])
+    y = torch.tensor([1, 2])
+    gm, inputs = capture(model, x, t, y)
+    work = analysed(gm)
+    factors = svd_factors(model, work, rank=None, qkv=qkv)
+    # Truncate to the weights' exact rank (full-rank factors would be planned "exact", leaving the graph alone);
+    # a joint factorisation of the fused qkv weight needs 3·rank.
+    facs = {}
+    for k in factors.keys():
+        r = 3 * rank if (qkv == "joint" and k.endswith(".qkv")) else rank
+        a, b = factors.get(k)
+        facs[k] = (a[:, :r].contiguous(), b[:r].contiguous())
+    factors = Factors(facs, fingerprint=factors.fingerprint)
+    cfg = cfg_for(factors, roles=sorted(roles), qkv=qkv)
+    report = plan_cache(work, cfg)
+    plan = fxdit_meta(work)["cache_plan"]
+    assert report.details["planned"] == depth * len(roles)
+    assert {e["role"] for e in plan["entries"]} == set(roles)
+    assert not any(e["exact"] for e in plan["entries"])
+    plan["form"] = form
+    ref, full, cached, rep_full, rep_cached, full_gm, cached_gm = run_variants(work, inputs, cfg)
+    torch.testing.assert_close(full[0], ref[0], rtol=0, atol=0)
+    scale = ref[0].abs().max()
+    assert (cached[0] - ref[0]).abs().max() <= 2e-5 * max(1.0, float(scale))
+    assert rep_full.rewritten == rep_cached.rewritten == len(plan["entries"])
+    full_gm.graph.lint()
+    cached_gm.graph.lint()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg_model = DiTConfig(depth=2, hidden=32, heads=2, input_size=(8, 8), num_classes=4)
+    model = lowrank_model(cfg_model, 4)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([700.0, 700.0]), torch.tensor([0, 3])
+    gm, inputs = capture(model, x, t, y)
+    return model, gm, inputs
+
+
+def test_plan_counts_skips_and_timestep(tiny):
+    model, gm, _ = tiny
+    work = analysed(gm)
+    missing = "blocks.1.mlp.fc2"
+    factors = svd_factors(model, work, rank=4, skip=(missing,))
+    report = plan_cache(work, cfg_for(factors, blocks=[1]))
+    plan = fxdit_meta(work)["cache_plan"]
+    assert report.matched == 8
+    assert report.skipped == {"block not in cache.blocks": 4, f"no factors for {missing}": 1}
+    assert [e["module"] for e in plan["entries"]] == ["blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1"]
+    assert plan["entries"][0]["keys"] == tuple(f"blocks.1.attn.qkv:{p}" for p in "qkv")
+    assert plan["timestep"] is not None and plan["timestep"][0] == "l_t_"
+    assert plan["weight_index"]["blocks.1.attn.qkv"] >= 0
+    # roles filter
+    work2 = analysed(gm)
+    report2 = plan_cache(work2, cfg_for(factors, roles=["mlp_in"]))
+    assert report2.details["planned"] == 2 and report2.skipped["role qkv not in cache.roles"] == 2
+
+
+def test_full_rank_factors_are_exact_and_untouched(tiny):
+    model, gm, inputs = tiny
+    work = analysed(gm)
+    cfg = cfg_for(svd_factors(model, work, rank=None))
+    plan_cache(work, cfg)
+    plan = fxdit_meta(work)["cache_plan"]
+    assert plan["entries"] and all(e["exact"] for e in plan["entries"])
+    cached = fresh_copy(work)
+    report = insert_lowrank_increments(cached, cfg)
+    assert report.rewritten == 0 and report.skipped == {"full-rank factors: exact at cached steps": 8}
+    assert not cache_slots(plan)
+
+
+def test_passes_idempotent_and_mark_nodes(tiny):
+    model, gm, inputs = tiny
+    work = analysed(gm)
+    cfg = cfg_for(svd_factors(model, work, rank=4))
+    plan_cache(work, cfg)
+    again = plan_cache(work, cfg)
+    assert again.rewritten == 0 and again.details["planned"] == 8
+    full, cached = fresh_copy(work), fresh_copy(work)
+    r1 = record_linear_caches(full, cfg)
+    n_full = len(full.graph.nodes)
+    r2 = record_linear_caches(full, cfg)
+    assert r1.rewritten == 8 and r2.rewritten == 0 and len(full.graph.nodes) == n_full
+    out = full.graph.output_node().args[0]
+    assert len(out) == 1 + 16
+    c1 = insert_lowrank_increments(cached, cfg)
+    n_cached = len(cached.graph.nodes)
+    c2 = insert_lowrank_increments(cached, cfg)
+    assert c1.rewritten == 8 and c2.rewritten == 0 and len(cached.graph.nodes) == n_cached
+    ops = [n for n in cached.graph.nodes if n.target is torch.ops.fxdit.lowrank_increment.default]
+    assert len(ops) == 6  # proj, fc1, fc2 per block; the fused qkv with separate factors uses one B GEMM + 3 A
+    linears = [n for n in cached.graph.nodes if n.target is torch._C._nn.linear]
+    cache_inputs = [n for n in cached.graph.nodes if n.op == "placeholder"
+                    and (n.meta.get("fxdit") or {}).get("icc") == "cache_input"]
+    assert len(cache_inputs) == 16
+    # remaining exact linears: embedders, modulation, final layer; plus 4 per qkv (B and three A)
+    assert sum((n.meta.get("fxdit") or {}).get("icc") == "increment" for n in linears) == 8
+    # cache inputs sit before the lifted constants
+    phs = [n for n in cached.graph.nodes if n.op == "placeholder"]
+    kinds = [(n.meta.get("fxdit") or {}).get("constant", False) for n in phs]
+    assert kinds == sorted(kinds)
+
+
+def test_reuse_mode_outputs_cached_y(tiny):
+    model, gm, inputs = tiny
+    work = analysed(gm)
+    cfg = FxditConfig.from_options({"cache": {"mode": "reuse", "schedule": {"period": 2}}, "on_pass_error": "raise"})
+    plan_cache(work, cfg)
+    ref, full, cached, rep_full, rep_cached, _, cached_gm = run_variants(work, inputs, cfg)
+    assert rep_full.details["cache_outputs"] == 8
+    torch.testing.assert_close(cached[0], ref[0], rtol=1e-5, atol=1e-5)
+    assert sum(n.target is torch._C._nn.linear for n in cached_gm.graph.nodes) == (
+        sum(n.target is torch._C._nn.linear for n in work.graph.nodes) - 8)
+
+
+def test_fingerprint_mismatch_raises(tiny):
+    model, gm, _ = tiny
+    other = lowrank_model(DiTConfig(depth=2, hidden=32, heads=2, input_size=(8, 8), num_classes=4), 4, seed=1)
+    factors_other = svd_factors(other, analysed(gm), rank=4)
+    factors = svd_factors(model, analysed(gm), rank=4)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([700.0, 700.0]), torch.tensor([0, 3])
+
+    def plan_with(factors):
+        def inside(g):
+            work = analysed(g)
+            plan_cache(work, cfg_for(factors))
+            return fxdit_meta(work)["cache_plan"]
+        return inside
+
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+        capture(model, x, t, y, inside=plan_with(factors_other))
+    assert isinstance(info.value.inner_exception, FxditError) and "recalibrate" in str(info.value.inner_exception)
+    assert capture(model, x, t, y, inside=plan_with(factors))["verified"]  # checked inside the backend
+
+
+def test_cache_off_plans_nothing(tiny):
+    _, gm, _ = tiny
+    work = analysed(gm)
+    report = plan_cache(work, FxditConfig.from_options({"cache": {"mode": "reuse", "schedule": "none"}}))
+    assert fxdit_meta(work)["cache_plan"] is None and report.matched == 0
+    assert isinstance(work, fx.GraphModule)
