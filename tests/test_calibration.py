@@ -408,3 +408,17 @@ def test_calibrate_cd_trajectories_on_dit_tiny():
 
     f = calibrate(spec.model, run, method="cd-svd", rank=4, progress=False)
     assert f.method == "cd-svd" and len(f.modules()) == 4 * spec.expected.blocks
+
+
+def test_cli_calibrate_writes_a_loadable_file(tmp_path):
+    from fxdit import models
+    from fxdit.cli import main
+
+    out = tmp_path / "f.safetensors"
+    rc = main(["calibrate", "--model", "dit-tiny", "--method", "cd-svd", "--rank", "4", "--samples", "4",
+               "--batch", "2", "--steps", "10", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    f = Factors.load(out)
+    assert f.method == "cd-svd" and set(f.ranks.values()) == {4}
+    f.verify_model(models.build("dit-tiny", batch=2).model)  # same seed → same weights
+    assert main(["calibrate", "--model", "dit-tiny", "--samples", "0", "--out", str(out)]) == 2
