@@ -157,8 +157,10 @@ def _dit_out(cfg: DiTConfig, *, batch: int = 2, seed: int = 0, text: bool = Fals
         return m(x, t, y, txt)
 
 
-@pytest.mark.parametrize("input_size,patch", [((16, 16), 2), ((8, 12), (2, 4)), ((4, 8, 8), 2), ((4, 8, 8), (2, 2, 2))])
-@pytest.mark.parametrize("text_tokens,position", [(0, "before"), (5, "before"), (5, "after")])
+@pytest.mark.parametrize("input_size,patch,text_tokens,position", [
+    ((16, 16), 2, 0, "before"), ((8, 12), (2, 4), 5, "before"), ((16, 16), 2, 5, "after"),
+    ((4, 8, 8), 2, 0, "before"), ((4, 8, 8), (2, 2, 2), 5, "after"),
+])
 def test_attention_forms_agree(input_size, patch, text_tokens, position):
     outs = {
         form: _dit_out(DiTConfig(input_size=input_size, patch=patch, attention=form, text_tokens=text_tokens,
