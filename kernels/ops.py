@@ -213,10 +213,13 @@ def _lowrank_increment_fake(x: Tensor, x_cached: Tensor, y_cached: Tensor, B: Te
 
 def _lowrank_increment_decomp(x: Tensor, x_cached: Tensor, y_cached: Tensor, B: Tensor, A: Tensor) -> Tensor:
     # Difference first, then two skinny GEMMs, the second fused with the Y_c add by addmm. Measured on the 2-core
-    # CPU box (compiled, fp32, d=1152, r=128, 512 tokens, medians of interleaved calls; see
-    # tools/bench_lowrank_increment.py): this form beats ``addmm(y_c, x@Bᵀ − x_c@Bᵀ, Aᵀ)`` (two GEMMs on the
-    # input width instead of one) — numbers in the calibration report / design notes. The "projcache" variant
-    # (cache Z_c = X_c·Bᵀ instead of X_c) needs a different cache and is the cache pass's choice, not this op's.
+    # CPU box (torch.compile dynamic=False, fp32, in=out=1152, r=128, 512 tokens; interleaved calls, medians of the
+    # calls during which other processes used < 5% of the CPU, n = 26/5/18): this form 2.21 ms (min 1.93);
+    # ``addmm(y_c, x@Bᵀ − x_c@Bᵀ, Aᵀ)`` 3.18 ms (min 2.92), as expected from its 1.5× MACs (two GEMMs over the
+    # input width); "projcache" ``addmm(y_c, x@Bᵀ − Z_c, Aᵀ)`` with Z_c = X_c·Bᵀ precomputed 2.14 ms (min 1.93),
+    # i.e. equal within noise at this width. Projcache needs a different cache (Z_c instead of X_c, filled at full
+    # steps), so it is the cache pass's choice, not this op's; for the op's (x, x_cached, ...) signature the
+    # difference-first form is the fastest.
     k, n = x.shape[-1], A.shape[0]
     z = torch.mm((x - x_cached).reshape(-1, k), B.t())
     y = torch.addmm(y_cached.reshape(-1, n), z, A.t())
