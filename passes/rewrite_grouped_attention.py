@@ -50,7 +50,15 @@ from fxdit.errors import FxditError
 from fxdit.kernels import grat_layout as gl
 from fxdit.kernels import ops as _ops  # noqa: F401 - registers torch.ops.fxdit.grouped_attention
 from fxdit.passes._base import PassReport, ReportBuilder
-from fxdit.passes._fx_utils import fake_value, finish, fxdit_meta, lift_constant, nodes_by_name, shape_of
+from fxdit.passes._fx_utils import (
+    fake_value,
+    finish,
+    fxdit_meta,
+    lift_constant,
+    node_meta,
+    nodes_by_name,
+    shape_of,
+)
 from fxdit.passes._records import AttentionSite, TokenGrid
 
 __all__ = ["rewrite_grouped_attention"]
@@ -247,7 +255,7 @@ _POINTWISE = {
     torch.masked_fill, torch.square, torch.reciprocal, torch.relu, torch.addcmul, torch.lerp, torch.float_power,
     F.gelu, F.silu, F.relu, F.mish, F.hardswish, F.sigmoid, F.tanh, torch._C._nn.gelu, torch._C._nn.silu,
     "add", "sub", "mul", "div", "neg", "pow", "tanh", "sigmoid", "exp", "rsqrt", "sqrt", "cos", "sin", "abs",
-    "clamp", "float", "half", "bfloat16", "double", "to", "type_as", "type", "contiguous", "clone", "masked_fill",
+    "clamp", "float", "half", "bfloat16", "double", "type", "contiguous", "clone", "masked_fill",
     "square", "reciprocal", "relu", "detach", "add_", "mul_", "__add__", "__mul__", "__radd__", "__rmul__",
 }
 #: Ops acting on the trailing dims only: target → how many trailing dims (callable of the node for norms).
@@ -256,7 +264,13 @@ _TRAILING: dict[Any, Callable[[fx.Node], int]] = {
     F.linear: lambda n: 1,
     F.layer_norm: lambda n: len(_arg(n, 1, "normalized_shape")),
     F.rms_norm: lambda n: len(_arg(n, 1, "normalized_shape")),
+    torch.layer_norm: lambda n: len(_arg(n, 1, "normalized_shape")),
+    torch.rms_norm: lambda n: len(_arg(n, 1, "normalized_shape")),
 }
+#: Ops whose value follows their first argument only (dtype/device conversions; creation "like" the input).
+_LIKE_FIRST = {"to", "type_as", torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like}
+#: Dropout is token-wise only as the identity (``training=False`` or ``p=0``).
+_DROPOUT = {F.dropout, torch.dropout, "dropout"}
 _DIM_OPS = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax, "softmax", "log_softmax"}
 _REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin, torch.var, "mean", "sum", "amax", "amin", "var", "std"}
 _RESHAPE = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, "view", "reshape",
@@ -266,6 +280,7 @@ _TRANSPOSE = {torch.transpose, torch.swapaxes, "transpose", "swapaxes"}
 _PERMUTE = {torch.permute, "permute"}
 _MOVEDIM = {torch.movedim, "movedim"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
+_STACK = {torch.stack}
 _SPLIT = {torch.split, torch.chunk, torch.tensor_split, "split", "split_with_sizes", "chunk", "tensor_split"}
 _UNBIND = {torch.unbind, "unbind"}
 _MATMUL = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
@@ -405,8 +420,19 @@ class _TokenFlow:
             raise _NotTokenWise(f"{key} returns a non-tensor from the token stream")
         x = node.args[0] if node.args else None
         tx = self._t(x)
+        if key in _DROPOUT:
+            p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
+            if p and training:
+                raise _NotTokenWise("dropout in training mode")
+            return self._pointwise(node, out_shape)
         if key in _POINTWISE:
             return self._pointwise(node, out_shape)
+        if key in _LIKE_FIRST:
+            if not isinstance(tx, tuple) or out_shape != shape_of(x):
+                raise _NotTokenWise(f"{key}: token stream not in the first argument")
+            return tx
+        if key == operator.setitem:
+            return self._setitem(node)
         if key in _TRAILING or key in _DIM_OPS or key in _REDUCE:
             for a in node.all_input_nodes:
                 if a is not x and self._t(a) is not None:
@@ -432,7 +458,7 @@ class _TokenFlow:
                 raise _NotTokenWise(f"{key} over the token dimension")
             keep = bool(_arg(node, 2, "keepdim", False))
             return (d if keep else d - sum(1 for v in dims if v < d), off)
-        if not isinstance(tx, tuple) and key not in _CAT:
+        if not isinstance(tx, tuple) and key not in _CAT and key not in _STACK:
             if key == operator.getitem and isinstance(tx, list):
                 return tx[node.args[1]]
             raise _NotTokenWise(f"{key}: unsupported use of the token stream")
@@ -467,9 +493,11 @@ class _TokenFlow:
             perm = [p if p is not None else next(it) for p in perm]
             return (perm.index(tx[0]), tx[1])
         if key == operator.getitem:
-            return self._getitem(node, x, tx)
+            return self._getitem(node.args[1], x, tx)
         if key in _CAT:
             return self._cat(node, out_shape)
+        if key in _STACK:
+            return self._stack(node, out_shape)
         if key in _SPLIT:
             return self._split(node, x, tx)
         if key in _UNBIND:
@@ -526,8 +554,31 @@ class _TokenFlow:
             raise _NotTokenWise("reshape merges or splits the token dimension")
         return (j, tx[1])
 
-    def _getitem(self, node: fx.Node, x: fx.Node, tx: Tok) -> Tok | None:
-        idx = node.args[1]
+    def _setitem(self, node: fx.Node) -> None:
+        """``target[idx] = value`` (in place): the written view and the value must share the token layout."""
+        target, idx, value = node.args[:3]
+        tt = self._t(target)
+        if not isinstance(tt, tuple):
+            raise _NotTokenWise("in-place write of the token stream into another tensor")
+        view = self._getitem(idx, target, tt)
+        tv = self._t(value) if isinstance(value, fx.Node) else None
+        vshape = shape_of(value) if isinstance(value, fx.Node) else None
+        if view is None:
+            raise _NotTokenWise("in-place write outside the image tokens")
+        if tv is not None:
+            rank = len(shape_of(target)) - sum(1 for it in (idx if isinstance(idx, tuple) else (idx,))
+                                               if isinstance(it, int))
+            if not isinstance(tv, tuple) or (tv[0] + rank - len(vshape), tv[1]) != view:
+                raise _NotTokenWise("in-place write of a differently laid out token stream")
+        elif vshape is not None:
+            rank = len(shape_of(target)) - sum(1 for it in (idx if isinstance(idx, tuple) else (idx,))
+                                               if isinstance(it, int))
+            d = view[0] - (rank - len(vshape))
+            if d >= 0 and vshape[d] != 1:
+                self._side(node, value, d, view[1])
+        return None
+
+    def _getitem(self, idx: Any, x: fx.Node, tx: Tok) -> Tok | None:
         items = list(idx) if isinstance(idx, tuple) else [idx]
         in_shape = shape_of(x)
         rank = len(in_shape)
@@ -586,6 +637,19 @@ class _TokenFlow:
         for a in tensors:
             if self._t(a) is None:
                 self._side(node, a, out[0], out[1])
+        return out
+
+    def _stack(self, node: fx.Node, out_shape: tuple[int, ...]) -> Tok:
+        tensors = node.args[0]
+        dim = _norm_dim(int(_arg(node, 1, "dim", 0)), len(out_shape))
+        toks = {self._t(a) for a in tensors if self._t(a) is not None}
+        if len(toks) != 1 or not isinstance(next(iter(toks)), tuple):
+            raise _NotTokenWise("stack of token streams with different layouts")
+        d, off = next(iter(toks))
+        out = (d if d < dim else d + 1, off)
+        for a in tensors:
+            if self._t(a) is None:
+                self._side(node, a, d, off)
         return out
 
     def _split(self, node: fx.Node, x: fx.Node, tx: Tok) -> list[Tok | None]:
@@ -739,11 +803,14 @@ def _plan_hoisting(gm: fx.GraphModule, grid_rec: TokenGrid | None, grid: tuple[i
                    sites: list[AttentionSite], live: list[tuple[AttentionSite, fx.Node]], plans: list[_Plan],
                    nodes: dict[str, fx.Node]) -> tuple[_Flow | None, str]:
     """Follow the token stream; return the flow when hoisting is valid and saves gathers, else the reason."""
-    if grid_rec is None or grid_rec.patch_node is None:
-        return None, "no patch-embedding node recorded for the token grid"
-    entry = nodes.get(grid_rec.patch_node)
-    shape = shape_of(entry)
     n = math.prod(grid)
+    if grid_rec is not None and grid_rec.patch_node is not None:
+        entry = nodes.get(grid_rec.patch_node)
+    else:
+        entry = _token_input(gm, n, {p.site.batch for p in plans})
+        if entry is None:
+            return None, "no patch-embedding node recorded and no single (B, N, C) token input"
+    shape = shape_of(entry)
     if entry is None or shape is None:
         return None, "patch-embedding node not in the graph"
     dims = [i for i, s in enumerate(shape) if s == n]
@@ -766,6 +833,13 @@ def _plan_hoisting(gm: fx.GraphModule, grid_rec: TokenGrid | None, grid: tuple[i
         return None, (f"hoisting needs {cost} gathers (entry, {len(flow.exits)} exits, sides), per-site needs "
                       f"{PER_SITE_PERMUTES * len(plans)}")
     return flow, ""
+
+
+def _token_input(gm: fx.GraphModule, n: int, batches: set[int]) -> fx.Node | None:
+    """The graph input that already is the token sequence ``(B, N, C)`` (packed latents, e.g. Flux), if unique."""
+    found = [p for p in gm.graph.nodes if p.op == "placeholder" and not node_meta(p).get("constant")
+             and (s := shape_of(p)) is not None and len(s) == 3 and s[1] == n and s[0] in batches]
+    return found[0] if len(found) == 1 else None
 
 
 def _side_root(arg: fx.Node, dim: int) -> tuple[fx.Node, int, list[fx.Node]]:
