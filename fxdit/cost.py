@@ -13,15 +13,19 @@ is which). Weights are never symbolic: a tensor is *constant* when it is a param
 ``get_attr``, a constant fxdit lifted into an input (factors, mask tables), or computed only from constants; its
 dims stay numbers. For every other (activation) tensor:
 
-* dim 0 equal to the traced batch ``b0`` is ``B``; dim 0 a multiple ``b0·k`` (``b0 > 1``) is ``B·k'`` where
-  ``k'`` is ``k`` mapped by the next rule (so a flattened ``(b0·n0, C)`` is ``(B·N, C)`` and a ``(b0·H, N, D)``
-  is ``(B·H, N, D)``);
-* a dim equal to ``n0 + l0`` is ``N + L``, a dim equal to ``n0`` is ``N``, a dim equal to ``l0`` is ``L``;
-* anything else stays a number.
+* graph inputs (the sources): dim 0 equal to the traced batch ``b0`` is ``B`` (``b0·n0`` is ``B·N``); dims equal
+  to the token grid (``(H, W)``, or ``(H·p, W·p)`` with the patch) are ``N`` (``N·p²``); other dims equal to
+  ``n0 + l0``, ``n0`` or ``l0`` are ``N + L``, ``N``, ``L``, except the last dim (a feature dim, a number);
+* every op then carries its inputs' symbolic dims to its output: permutes permute them, reshapes regroup them
+  (``(B, N, C) → (B·N, C)`` and back, ``(B, N, 3·C) → (B, N, 3, H, D)``), linear keeps all but the last dim,
+  matmul and attention combine their operands' dims, a conv's spatial output is ``N`` when it has ``n0``
+  positions, elementwise ops broadcast, cat adds along its dim. So a hidden size that happens to equal ``n0``
+  stays a number: ``N`` is only what came from a token dim;
+* a dim no rule explains falls back to the value rule (dim 0 equal to ``b0`` is ``B``, ``n0`` is ``N``...).
 
-A hidden size that happens to equal ``n0``, or a leading dim that happens to equal ``b0``, is mislabelled; trace
-with a batch ≥ 2 and a token count unlike the channel sizes to avoid it. By construction every expression,
-evaluated at ``B=b0, N=n0, L=l0``, equals the number counted at the traced shapes.
+Where the fallback runs a size can still be mislabelled (a head count equal to ``b0``...); trace with a batch ≥ 2
+and token counts unlike the channel sizes to make it unlikely. By construction every expression, evaluated at
+``B=b0, N=n0, L=l0``, equals the number counted at the traced shapes.
 
 Per op (``*`` = product of the output's dims, ``K`` = contracted size):
 
@@ -89,11 +93,12 @@ _VIEW = {
     "as_strided", "unfold", "tensor_split", "hsplit", "vsplit", "real", "imag", "view_as_real", "view_as_complex",
     "_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", "requires_grad_", "set_grad_enabled",
 }
-_CAST = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "_to_copy", "contiguous"}
+_CAST = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "_to_copy", "contiguous", "bool", "int",
+         "long", "short", "char", "byte"}
 _MEMORY = {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "clone", "copy", "copy_", "repeat",
            "repeat_interleave", "pad", "constant_pad_nd", "roll", "flip", "tile", "index_select", "gather", "scatter",
            "index", "index_put", "zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones",
-           "new_empty", "new_full", "zeros", "ones", "empty", "full", "arange", "linspace", "tril", "triu"}
+           "new_empty", "new_full", "zeros", "ones", "empty", "full", "arange", "linspace", "tril", "triu", "meshgrid"}
 _ELEMENTWISE = {
     "add", "sub", "mul", "truediv", "div", "floordiv", "mod", "neg", "pow", "sqrt", "rsqrt", "exp", "expm1", "log",
     "log1p", "log2", "sin", "cos", "tanh", "sigmoid", "relu", "relu6", "gelu", "silu", "mish", "elu", "leaky_relu",
@@ -104,7 +109,7 @@ _ELEMENTWISE = {
     "isnan", "isinf", "isfinite", "nan_to_num", "atan2", "tan", "atan", "asin", "acos", "sinh", "cosh", "exp2",
     "iadd", "isub", "imul", "itruediv", "add_", "sub_", "mul_", "div_", "neg_", "clamp_", "silu_", "relu_", "gelu_",
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__neg__",
-    "__pow__", "__rpow__", "baddcmul", "fma", "xlogy", "hypot", "sgn", "polar", "complex", "mul_scalar", "addcmul_",
+    "__pow__", "__rpow__", "outer", "ger", "baddcmul", "fma", "xlogy", "hypot", "sgn", "polar", "complex", "mul_scalar", "addcmul_",
 }
 _OTHER = {
     "layer_norm", "group_norm", "rms_norm", "batch_norm", "instance_norm", "native_layer_norm", "native_group_norm",
@@ -298,9 +303,12 @@ def _traced_dims(gm: fx.GraphModule, batch: int | None, tokens: int | None, text
         tokens = int(grid.tokens)
         sources["N"] = f"token grid {tuple(grid.shape)}"
     else:
+        spans = Counter(s.image_span[1] - s.image_span[0] for s in sites if s.image_span is not None)
         lens = Counter(s.q_len for s in sites if not s.cross and s.text_span is None)
-        lens = lens or Counter(s.q_len for s in sites)
-        if lens:
+        if spans:
+            tokens = spans.most_common(1)[0][0]
+            sources["N"] = "attention image span"
+        elif lens:
             tokens = lens.most_common(1)[0][0]
             sources["N"] = "attention q_len"
     if text is not None:
@@ -407,7 +415,7 @@ class _Walker:
                 if d == b0:
                     out.append(B)
                     continue
-                if b0 > 1 and d % b0 == 0 and len(shape) >= 2:
+                if b0 > 1 and d % b0 == 0 and len(shape) >= 2 and not self._tok(d // b0).is_number:
                     out.append(B * self._tok(d // b0))
                     continue
             if i == len(shape) and len(shape) >= 2:
@@ -460,6 +468,9 @@ class _Walker:
                source_shapes: Sequence[tuple[int, ...] | None] = ()) -> list[sympy.Expr]:
         """Dims of ``shape`` taken from ``sources`` where sizes match (broadcast from the right, else in order)."""
         out: list[sympy.Expr | None] = [None] * len(shape)
+        # Whether a number may be read as a token count where no source explains the dim: not where a source
+        # had a plain number at that (right-aligned) position, e.g. a head dim that equals ``l0``.
+        may_tok = [True] * len(shape)
         pairs = [(e, s) for e, s in zip(sources, source_shapes) if e is not None and s is not None and len(e) == len(s)]
         if pairs and all(len(s) <= len(shape) for _, s in pairs):
             for exprs, sshape in pairs:  # right-aligned broadcast
@@ -467,6 +478,8 @@ class _Walker:
                 for j, (e, d) in enumerate(zip(exprs, sshape)):
                     if d == shape[off + j] and out[off + j] is None and not e.is_number:
                         out[off + j] = e
+                    if d == shape[off + j] and e.is_number and d != 1:
+                        may_tok[off + j] = False
         else:
             for exprs, sshape in pairs:  # in-order subsequence (reductions, unbind, indexing)
                 j = 0
@@ -485,7 +498,7 @@ class _Walker:
                 result.append(got)
             elif k == 0 and b0 is not None and d == b0:
                 result.append(B)
-            elif k == len(shape) - 1 and len(shape) >= 2:
+            elif (k == len(shape) - 1 and len(shape) >= 2) or not may_tok[k]:
                 result.append(sympy.Integer(d))
             else:
                 result.append(self._tok(d))
@@ -606,6 +619,12 @@ class _Walker:
                 base = list(parts[0])  # type: ignore[arg-type]
                 base[dim] = sympy.Add(*(p[dim] for p in parts))  # type: ignore[index]
                 return base
+        if op == "stack" and tins:
+            dim = _arg(node, 1, "dim")
+            dim = (0 if dim is None else int(dim)) % len(shape)
+            part = self.sym_shape(tins[0])
+            if part is not None and len(part) == len(shape) - 1:
+                return part[:dim] + [sympy.Integer(shape[dim])] + part[dim:]
         if op == "getitem" and isinstance(node.args[0], fx.Node) \
                 and not isinstance(fake_value(node.args[0]), torch.Tensor):
             pins = _tensor_inputs(node.args[0])  # an element of a tuple (split/chunk/unbind): align with its input

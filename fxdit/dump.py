@@ -20,7 +20,9 @@ layout/density/ideal speedup for rewritten sites), *Blocks and linear layers*, *
 :mod:`fxdit.cost` table: MACs and bytes per op class as sympy expressions over ``B``, ``N``, ``L`` and as
 numbers), *Graph variants* (their MACs against the main graph's) and *Cache memory* when ICC recorded it.
 
-Writing a dump never breaks compilation: every step catches its own errors and logs them.
+A provisional ``report.md`` (without the cost table) is rewritten after every pass, so a dump is there even when
+a later pass or inductor fails; :meth:`GraphDump.finish` writes the final one. Writing a dump never breaks
+compilation: every step catches its own errors and logs them.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class GraphDump:
         self._step = 0
         self._before_names: dict[str, str] = {}
         self._variants: list[tuple[str, Any, PassReport | None]] = []
+        self._reports: list[PassReport] = []
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as exc:
@@ -126,6 +129,12 @@ class GraphDump:
         self._write(f"{self._step:02d}_{name}/diff.txt",
                     f"# {name}: {len(created)} nodes created, {len(erased)} erased\n"
                     + "\n".join(created + erased) + "\n")
+        # A provisional report.md (no cost table, which can take seconds on big graphs), so a dump exists even
+        # when a later pass or inductor fails; finish() replaces it.
+        self._reports.append(report)
+        self._write("report.md", render_report(gm, self._reports, cost=False,
+                                               note=f"Provisional: written after pass {name!r}; compilation has not "
+                                                    "finished (if it failed, this is the last state fxdit reached)."))
 
     @_never_raise
     def variant(self, name: str, gm: fx.GraphModule, report: PassReport | None = None) -> None:
@@ -277,13 +286,16 @@ def _cache_section(cache: Any) -> list[str]:
 
 
 def render_report(gm: fx.GraphModule, reports: Sequence[PassReport],
-                  variants: Sequence[tuple[str, Any, PassReport | None]] = ()) -> str:
+                  variants: Sequence[tuple[str, Any, PassReport | None]] = (), *, cost: bool = True,
+                  note: str | None = None) -> str:
     """The markdown report for ``gm`` after the pipeline (see the module docstring for its sections).
 
     Args:
         gm: the graph as the pipeline left it (its ``meta["fxdit"]`` holds the analysis records).
         reports: the pass reports, in pipeline order.
         variants: ``(name, CostTable | None, PassReport | None)`` for graph variants built after the pipeline.
+        cost: include the cost table (the one slow section).
+        note: a line printed under the title.
     """
     from fxdit.passes._fx_utils import fxdit_meta
 
@@ -292,7 +304,7 @@ def render_report(gm: fx.GraphModule, reports: Sequence[PassReport],
     blocks = list(state.get("blocks") or [])
     calls = sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
     inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-    lines = ["# fxdit graph report", "",
+    lines = ["# fxdit graph report", ""] + ([f"> {note}", ""] if note else []) + [
              f"{calls} call nodes, {inputs} inputs; {len(sites)} attention sites, {len(blocks)} blocks, "
              f"{sum(len(b.linears) for b in blocks)} linear layers in blocks.", "", "## Pass reports", ""]
     rows = []
@@ -308,8 +320,10 @@ def render_report(gm: fx.GraphModule, reports: Sequence[PassReport],
     lines += _blocks_section(blocks)
     lines += _grid_section(state.get("token_grid"))
     lines += ["## Cost", ""]
-    table = _cost(gm)
-    if table is None:
+    table = _cost(gm) if cost else None
+    if not cost:
+        lines += ["Written when compilation finishes.", ""]
+    elif table is None:
         lines += ["The cost model failed on this graph (see the log).", ""]
     else:
         lines += [table.to_markdown()]

@@ -177,3 +177,19 @@ def test_report_without_analysis_records():
     text = render_report(gm, [])
     assert "## Attention sites\n\nNone found." in text
     assert "## Cost" in text and "| **total** |" in text
+
+
+def test_provisional_report_survives_a_failing_lowering(tmp_path, no_inductor, monkeypatch):
+    from fxdit import backend
+
+    def failing_lower(gm, example_inputs, cfg):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(backend, "lower", failing_lower)
+    m = _Attn().eval()
+    with torch.no_grad(), pytest.raises(Exception, match="inductor exploded"):
+        torch.compile(m, backend="fxdit", options={"dump_dir": str(tmp_path)})(torch.randn(1, 6, 32))
+    with open(os.path.join(_graph_dirs(tmp_path)[0], "report.md")) as f:
+        report = f.read()
+    assert "Provisional: written after pass '_mark_grat'" in report
+    assert "| find_attention |" in report and "| _mark_grat |" in report
