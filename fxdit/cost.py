@@ -48,6 +48,7 @@ Public API: :func:`graph_cost` → :class:`CostTable` (``rows``, ``total``, ``no
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 from collections import Counter
@@ -251,6 +252,54 @@ def _fmt_expr(expr: sympy.Expr) -> str:
 
 # --- the walk --------------------------------------------------------------------------------------------------------
 
+#: Values computed by fake propagation for nodes a pass left without ``meta["val"]`` (see :func:`_fill_missing`).
+_FILLED: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("fxdit_cost_filled", default={})
+
+
+def _fake(node: Any) -> Any:
+    value = fake_value(node)
+    if value is None and isinstance(node, fx.Node):
+        value = _FILLED.get().get(node.name)
+    return value
+
+
+def _fill_missing(gm: fx.GraphModule) -> dict[str, Any]:
+    """Fake values for call nodes that carry none (a pass built them without meta), by fake propagation.
+
+    Runs the graph under a fresh ``FakeTensorMode`` on fake inputs of the recorded shapes; the graph's own
+    metadata is left untouched. Returns ``{}`` when nothing is missing or propagation fails.
+    """
+    calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    if all(fake_value(n) is not None for n in calls):
+        return {}
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    values: dict[str, Any] = {}
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    inputs = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        v = fake_value(n)
+        if isinstance(v, torch.Tensor):
+            with mode:  # a fake tensor of the recorded shape, stride, dtype and device; nothing is allocated
+                inputs.append(torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device))
+        else:
+            inputs.append(v)
+
+    class _Record(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            values[n.name] = out
+            return out
+
+    try:
+        with mode:
+            _Record(gm).run(*inputs)
+    except Exception as exc:  # noqa: BLE001 - costs stay partial, the table says how many nodes
+        log.debug("cost: fake propagation failed (%s: %s)", type(exc).__name__, exc)
+    return values
+
 
 def _tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
@@ -335,7 +384,7 @@ def _traced_dims(gm: fx.GraphModule, batch: int | None, tokens: int | None, text
     else:
         patch = getattr(grid, "patch_node", None) if grid is not None else None
         by_name = {n.name: n for n in gm.graph.nodes}
-        t = _tensor(fake_value(by_name.get(patch))) if patch else None
+        t = _tensor(_fake(by_name.get(patch))) if patch else None
         shape = _static_shape(t) if t is not None else None
         if shape:
             batch = shape[0]
@@ -344,7 +393,7 @@ def _traced_dims(gm: fx.GraphModule, batch: int | None, tokens: int | None, text
             for n in gm.graph.nodes:
                 if n.op != "placeholder" or _is_weight_placeholder(n):
                     continue
-                t = _tensor(fake_value(n))
+                t = _tensor(_fake(n))
                 shape = _static_shape(t) if t is not None else None
                 if shape:
                     batch = shape[0]
@@ -626,7 +675,7 @@ class _Walker:
             if part is not None and len(part) == len(shape) - 1:
                 return part[:dim] + [sympy.Integer(shape[dim])] + part[dim:]
         if op == "getitem" and isinstance(node.args[0], fx.Node) \
-                and not isinstance(fake_value(node.args[0]), torch.Tensor):
+                and not isinstance(_fake(node.args[0]), torch.Tensor):
             pins = _tensor_inputs(node.args[0])  # an element of a tuple (split/chunk/unbind): align with its input
             if pins:
                 return self._align(shape, [self.sym_shape(pins[0])], [_static_shape_of(pins[0])])
@@ -639,7 +688,7 @@ class _Walker:
         return sympy.Mul(*shape) if shape else sympy.Integer(1)
 
     def nbytes(self, node: Any) -> sympy.Expr:
-        t = _tensor(fake_value(node))
+        t = _tensor(_fake(node))
         if t is None:
             return _ZERO
         return self.numel(node) * t.element_size()
@@ -654,7 +703,7 @@ class _Walker:
         io_bytes = sum((self.nbytes(i) for i in inputs), _ZERO) + self.nbytes(node)
         if op in _VIEW or node.op == "call_module":
             return None
-        if _tensor(fake_value(node)) is None:
+        if _tensor(_fake(node)) is None:
             return None
         if op in _LINEAR:
             x, w = _arg(node, 0, "input"), _arg(node, 1, "weight")
@@ -693,7 +742,7 @@ class _Walker:
             transposed = op in _CONV_T or (op in ("convolution", "_convolution") and bool(_arg(node, 6, "transposed")))
             return "conv", (self.numel(x) if transposed else self.numel(node)) * per, io_bytes
         if op in _CAST:
-            t_in, t_out = _tensor(fake_value(inputs[0])) if inputs else None, _tensor(fake_value(node))
+            t_in, t_out = _tensor(_fake(inputs[0])) if inputs else None, _tensor(_fake(node))
             if t_in is not None and t_out is not None and t_in.dtype == t_out.dtype and (
                     op != "contiguous" or t_in.is_contiguous()) and op != "_to_copy":
                 return None
@@ -770,7 +819,7 @@ class _Walker:
 
 
 def _static_shape_of(node: Any) -> tuple[int, ...] | None:
-    t = _tensor(fake_value(node))
+    t = _tensor(_fake(node))
     return _static_shape(t) if t is not None else None
 
 
@@ -831,7 +880,7 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     """Distinct input nodes that hold tensors, in first-use order."""
     seen: dict[str, fx.Node] = {}
     for i in node.all_input_nodes:
-        if i.name not in seen and _tensor(fake_value(i)) is not None:
+        if i.name not in seen and _tensor(_fake(i)) is not None:
             seen[i.name] = i
     return list(seen.values())
 
@@ -856,8 +905,16 @@ def graph_cost(gm: fx.GraphModule, *, batch: int | None = None, tokens: int | No
     Returns:
         A :class:`CostTable`.
     """
-    dims = _traced_dims(gm, batch, tokens, text)
-    nodes, unknown = _Walker(gm, dims).walk()
+    token = _FILLED.set(_fill_missing(gm))
+    try:
+        dims = _traced_dims(gm, batch, tokens, text)
+        nodes, unknown = _Walker(gm, dims).walk()
+        unshaped = [n.name for n in gm.graph.nodes
+                    if n.op in ("call_function", "call_method") and _fake(n) is None]
+    finally:
+        _FILLED.reset(token)
+    if unshaped:
+        unknown = {**unknown, "<no shape metadata>": len(unshaped)}
     rows = tuple(_sum_rows(c, [n for n in nodes if n.op_class == c]) for c in OP_CLASSES
                  if any(n.op_class == c for n in nodes))
     return CostTable(rows=rows, total=_sum_rows("total", nodes), nodes=tuple(nodes), dims=dims, unknown=unknown)

@@ -338,8 +338,9 @@ def render_report(gm: fx.GraphModule, reports: Sequence[PassReport],
             ratio = f"{vt.total.macs / base:.3f}" if base else "-"
             vrows.append((name, f"`{vt.total.macs_expr}`", f"{vt.total.macs:,}", f"{vt.total.bytes:,}", ratio))
         lines += _table(("variant", "MACs", "MACs at traced shape", "bytes", "MACs / main graph"), vrows) + [""]
-    if state.get("cache_bytes") is not None:
-        lines += _cache_section(state["cache_bytes"])
+    cache = state.get("cache_bytes", state.get("summary_cache_bytes"))
+    if cache is not None:
+        lines += _cache_section(cache)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -241,3 +241,37 @@ def dit_tiny_graph():
     spec = build("dit-tiny", batch=2)
     gm = _capture(lambda *a: spec.model(*a, **spec.kwargs), *spec.args)
     return fresh_copy(gm), spec
+
+
+def test_nodes_without_shape_metadata_are_filled_by_fake_propagation():
+    """A pass that builds nodes without meta["val"] still gets them counted (the graph's meta is left alone)."""
+    b0, n0, fin, fout = 2, 10, 12, 20
+    gm = _capture(torch.nn.Linear(fin, fout).eval(), torch.randn(b0, n0, fin))
+    lin = next(n for n in gm.graph.nodes if n.op == "call_function")
+    w = lin.args[1]
+    with gm.graph.inserting_after(lin):
+        extra = gm.graph.call_function(torch._C._nn.linear, (lin, w))  # (B, N, fout) @ W[fout, fin]ᵀ -> needs fout == fin
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((extra,),)
+    gm.recompile()
+    with pytest.raises(Exception):
+        gm(torch.randn(b0, n0, fin))  # fout != fin: shapes do not chain, fake propagation fails too
+    table = graph_cost(gm, tokens=n0)
+    assert table.unknown.get("<no shape metadata>") == 1
+
+
+def test_missing_metadata_filled():
+    b0, n0, c = 2, 10, 12
+    gm = _capture(torch.nn.Linear(c, c).eval(), torch.randn(b0, n0, c))
+    lin = next(n for n in gm.graph.nodes if n.op == "call_function")
+    with gm.graph.inserting_after(lin):
+        extra = gm.graph.call_function(torch._C._nn.linear, (lin, lin.args[1]))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((extra,),)
+    gm.recompile()
+    table = graph_cost(gm, tokens=n0)
+    assert "val" not in extra.meta and "example_value" not in extra.meta
+    assert table.row("linear").count == 2
+    assert sympy.expand(table.row("linear").macs_expr - 2 * B * N * c * c) == 0
+    assert not table.unknown
+    _check_consistent(table)
