@@ -97,16 +97,22 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = DATA_RANGE) -> fl
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = DATA_RANGE) -> float:
     """Mean structural similarity (torchmetrics, Gaussian window 11, σ 1.5); 1 for identical inputs.
 
+    Images smaller than 11×11 use the largest odd window that fits.
+
     Args:
-        a: images ``(N, C, H, W)``, at least 11×11.
+        a: images ``(N, C, H, W)``, at least 3×3.
         b: reference images, same shape.
         data_range: the value range of the pixels (2 for [-1, 1]).
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     _check_pair(a, b)
+    side = min(a.shape[-2:])
+    kernel = min(11, side if side % 2 else side - 1)
+    if kernel < 3:
+        raise FxditError(f"images: {tuple(a.shape[-2:])} pixels; SSIM needs at least 3x3")
     return float(structural_similarity_index_measure(a.detach().double(), b.detach().double(),
-                                                     data_range=data_range))
+                                                     data_range=data_range, kernel_size=kernel))
 
 
 class DigitClassifier(nn.Module):

@@ -251,7 +251,8 @@ class Denoiser:
 def ddim_sample(denoiser: Denoiser, labels: torch.Tensor, noise: torch.Tensor, scheduler: Any, *, steps: int,
                 guidance_scale: float = 3.0, progress: bool = True, desc: str = "sample",
                 on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Run DDIM (η = 0) with classifier-free guidance from ``noise``; returns the final ``x_0``.
+    """Run DDIM (η = 0) with classifier-free guidance from ``noise``; returns the last step's ``x_0``
+    prediction (clipped to the scheduler's range when its ``clip_sample`` is set).
 
     Each step makes one model call on ``[x; x]`` with labels ``[labels; null]`` and combines
     ``eps = eps_u + s·(eps_c − eps_u)``. With ``guidance_scale == 1`` only the conditional half is run.
@@ -289,8 +290,8 @@ def ddim_sample(denoiser: Denoiser, labels: torch.Tensor, noise: torch.Tensor, s
         if cfg:
             eps_c, eps_u = eps[:n], eps[n:]
             eps = eps_u + guidance_scale * (eps_c - eps_u)
-        x = sched.step(eps, t, x, eta=0.0, return_dict=False)[0]
-    return x
+        x, x0 = sched.step(eps, t, x, eta=0.0, return_dict=False)
+    return x0
 
 
 class _SamplingModule(types.ModuleType):
