@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from fxdit.passes._fx_utils import fake_value, fxdit_meta, module_stack, shape_of
+from fxdit.passes._fx_utils import fake_value, fxdit_meta, module_stack
 from fxdit.passes._records import TokenGrid
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "Layout",
     "Streams",
     "kind",
+    "shape_of",
     "tensor_args",
     "is_param",
     "token_streams",
@@ -208,6 +209,26 @@ def is_param(node: fx.Node) -> bool:
     if isinstance(fake_value(node), torch.nn.Parameter):
         return True
     return bool(_PARAM_NAME.search(str(node.target)))
+
+
+def _size(s: Any) -> int | None:
+    if isinstance(s, int):
+        return s
+    hint = getattr(getattr(s, "node", None), "hint", None)  # SymInt of a dynamic dim: its trace-time value
+    return int(hint) if isinstance(hint, int) else None
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """Shape of a tensor node at trace time; dynamic (symbolic) dims give their example value (hint).
+
+    Unlike :func:`fxdit.passes._fx_utils.shape_of` this does not give up on graphs Dynamo traced with
+    dynamic shapes; the analysis records shapes "at trace time" anyway.
+    """
+    val = fake_value(node)
+    if not isinstance(val, torch.Tensor):
+        return None
+    out = tuple(_size(s) for s in val.shape)
+    return None if any(s is None for s in out) else out  # type: ignore[return-value]
 
 
 def _ndim(node: Any) -> int | None:
@@ -530,7 +551,7 @@ class _Propagator:
         elif d == lay.dim:
             pos = 0
             for v in vals:
-                n = int(v.shape[d]) if isinstance(v, torch.Tensor) else 0
+                n = (_size(v.shape[d]) or 0) if isinstance(v, torch.Tensor) else 0
                 pieces.append(lay.slice(pos, pos + n))
                 pos += n
         else:

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxdit.passes._base import PassReport, ReportBuilder
-from fxdit.passes._dataflow import Layout, Streams, block_index_map, block_paths, kind, token_streams
-from fxdit.passes._fx_utils import fake_value, fxdit_meta, node_meta, shape_of
+from fxdit.passes._dataflow import Layout, Streams, block_index_map, block_paths, kind, shape_of, token_streams
+from fxdit.passes._fx_utils import fake_value, fxdit_meta, node_meta
 from fxdit.passes._records import AttentionSite
 
 __all__ = ["find_attention", "SDPA_PARAMS", "UNFUSED_CHAIN", "normalise_sdpa", "match_unfused"]

@@ -39,11 +39,12 @@ from fxdit.passes._dataflow import (
     block_index_map,
     block_paths,
     kind,
+    shape_of,
     token_streams,
     trace_back,
     trace_forward,
 )
-from fxdit.passes._fx_utils import fxdit_meta, module_path, node_meta, shape_of
+from fxdit.passes._fx_utils import fxdit_meta, module_path, node_meta
 from fxdit.passes._records import AttentionSite, BlockInfo, LinearInfo, TokenGrid
 
 __all__ = ["find_blocks", "ROLE_RULES", "MODULE_NAME_HINTS"]

@@ -185,3 +185,57 @@ def test_roles_by_dataflow_geglu_chunked_qkv_unpatchify_grid():
         assert b.tokens == 12 and b.hidden == 16
     assert g.token_grid.shape == (1, 3, 4) and g.token_grid.source == "unpatchify"
     assert g.token_grid.unpatch_node is not None
+
+
+class _PatchifyModel(torch.nn.Module):
+    """Reshape/permute patchify of a 4-D or 5-D latent (no conv), then a linear patch embedding."""
+
+    def __init__(self, channels: int = 2, patch: int = 2, c: int = 16) -> None:
+        super().__init__()
+        self.patch = patch
+        self.embed = torch.nn.Linear(channels * patch * patch, c)
+        self.layers = torch.nn.ModuleList([_GegluBlock(c) for _ in range(2)])
+
+    def forward(self, x, temb):
+        p = self.patch
+        if x.dim() == 4:
+            b, ch, hh, ww = x.shape
+            t = x.reshape(b, ch, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)
+        else:
+            b, ch, tt, hh, ww = x.shape
+            t = x.reshape(b, ch, tt, hh // p, p, ww // p, p).permute(0, 2, 3, 5, 1, 4, 6)
+        h = self.embed(t.reshape(b, -1, ch * p * p))
+        for blk in self.layers:
+            h = blk(h, temb)
+        return h
+
+
+@pytest.mark.parametrize("shape, grid", [((1, 2, 8, 12), (1, 4, 6)), ((1, 2, 3, 4, 8), (3, 2, 4))])
+def test_reshape_patchify_grid(shape, grid):
+    (g,) = analyze(_PatchifyModel().eval(), torch.randn(*shape), torch.randn(1, 16))
+    assert g.token_grid.shape == grid and g.token_grid.source == "unfold"
+    assert len(g.blocks) == 2 and all(b.tokens == grid[0] * grid[1] * grid[2] for b in g.blocks)
+    assert [s.image_span for s in g.attention_sites] == [(0, grid[0] * grid[1] * grid[2])] * 2
+
+
+def test_dynamic_shapes_use_trace_time_sizes():
+    """A graph Dynamo traced with symbolic sizes is analysed with their example values."""
+    import fxdit.models as models
+
+    spec = models.build("dit-tiny", batch=2)
+    graphs = []
+
+    def backend(gm, example_inputs, **_):
+        graphs.append(analyze_graph(gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(spec.model, backend=backend, dynamic=True)(*spec.args, **spec.kwargs)
+    torch._dynamo.reset()
+    (g,) = graphs
+    e = spec.expected
+    assert len(g.attention_sites) == e.attention_sites and len(g.blocks) == e.blocks
+    assert g.token_grid.shape == e.token_grid
+    assert all(s.image_span == e.image_span and s.batch == 2 for s in g.attention_sites)
+    assert all(_role_counts(b) == e.roles(b.index) for b in g.blocks)
