@@ -199,19 +199,35 @@ def _human_bytes(n: float) -> str:
     return f"{n:,.2f} GiB"  # pragma: no cover
 
 
-def _grat_info(gm: fx.GraphModule) -> dict[str, Mapping[str, Any]]:
-    """Site node name → ``node.meta["fxdit"]["grat"]`` for each rewritten attention node."""
-    out: dict[str, Mapping[str, Any]] = {}
+def _grat_info(gm: fx.GraphModule, sites: Sequence[Any]) -> dict[str, Mapping[str, Any]]:
+    """Site node name → ``node.meta["fxdit"]["grat"]`` of the op that replaced it.
+
+    A rewritten node is matched to its site by, in order: an explicit ``grat["site"]`` or a carried
+    ``meta["fxdit"]["attention"]`` record; the site's q/k/v node names as the op's first three arguments; else
+    graph order among the sites whose node is gone from the graph.
+    """
+    rewritten = []
     for n in gm.graph.nodes:
-        meta = n.meta.get("fxdit") or {}
-        grat = meta.get("grat")
-        if not grat:
-            continue
-        site = meta.get("attention")
-        key = grat.get("site") if isinstance(grat, Mapping) and grat.get("site") else None
-        key = key or (getattr(site, "node", None)) or n.name
-        out[str(key)] = grat
-        out.setdefault(n.name, grat)
+        grat = (n.meta.get("fxdit") or {}).get("grat")
+        if isinstance(grat, Mapping) and grat:
+            rewritten.append((n, grat))
+    out: dict[str, Mapping[str, Any]] = {}
+    unmatched = []
+    by_qkv = {(s.q, s.k, s.v): s.node for s in sites}
+    for n, grat in rewritten:
+        site = (n.meta.get("fxdit") or {}).get("attention")
+        key = grat.get("site") or getattr(site, "node", None)
+        if key is None and len(n.args) >= 3:
+            names = tuple(getattr(a, "name", None) for a in n.args[:3])
+            key = by_qkv.get(names)  # type: ignore[arg-type]
+        if key is None:
+            unmatched.append(grat)
+        else:
+            out[str(key)] = grat
+    present = {n.name for n in gm.graph.nodes}
+    gone = [s.node for s in sites if s.node not in out and s.node not in present]
+    for name, grat in zip(gone, unmatched):
+        out[name] = grat
     return out
 
 
@@ -219,7 +235,7 @@ def _attention_section(gm: fx.GraphModule, sites: Sequence[Any]) -> list[str]:
     lines = ["## Attention sites", ""]
     if not sites:
         return lines + ["None found.", ""]
-    grat = _grat_info(gm)
+    grat = _grat_info(gm, sites)
     rows = []
     for s in sites:
         g = grat.get(s.node)
