@@ -193,3 +193,23 @@ def test_provisional_report_survives_a_failing_lowering(tmp_path, no_inductor, m
         report = f.read()
     assert "Provisional: written after pass '_mark_grat'" in report
     assert "| find_attention |" in report and "| _mark_grat |" in report
+
+
+def test_grat_column_matches_a_replacement_node_by_qkv():
+    """A rewrite that builds a new node (no site record carried) is still shown on its site's row."""
+    import fxdit.kernels.ops  # noqa: F401 - registers fxdit::grouped_attention
+    from fxdit.passes import find_attention
+
+    gm = _graph_of(_Attn().eval(), torch.randn(2, 12, 32))
+    find_attention(gm, FxditConfig())
+    sdpa = next(n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target))
+    site = fxdit_meta(gm)["attention_sites"][0]
+    with gm.graph.inserting_after(sdpa):
+        new = gm.graph.call_function(torch.ops.fxdit.grouped_attention.default, sdpa.args[:3])
+    new.meta["val"] = sdpa.meta.get("example_value")
+    new.meta["fxdit"] = {"grat": {"mode": "grat-x", "density": 0.25}}
+    sdpa.replace_all_uses_with(new)
+    gm.graph.erase_node(sdpa)
+    gm.recompile()
+    row = next(line for line in render_report(gm, []).splitlines() if line.startswith(f"| {site.node} |"))
+    assert "grat-x, density 0.25, ideal ×4" in row
