@@ -150,13 +150,29 @@ def _decompositions(gm: fx.GraphModule) -> dict[Any, Callable[..., Any]] | None:
     return {**select_decomp_table(), **extra}
 
 
+def _op_patches(gm: fx.GraphModule) -> dict[str, Any]:
+    """Inductor config patches the fxdit ops in ``gm`` need (``kernels.ops.inductor_patches_for``)."""
+    try:
+        from fxdit.kernels import ops
+    except ImportError:  # pragma: no cover
+        return {}
+    return dict(ops.inductor_patches_for(gm)) if hasattr(ops, "inductor_patches_for") else {}
+
+
 def lower(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditConfig) -> Callable[..., Any]:
     """Compile one (rewritten) graph with inductor; lifted constants are appended to every call."""
     from torch._inductor.compile_fx import compile_fx
 
     consts = lifted_constants(gm)
-    inputs = list(example_inputs) + consts
-    compiled = compile_fx(gm, inputs, config_patches=cfg.inductor_patches, decompositions=_decompositions(gm))
+    # Lifted constants enter as *static* fake tensors: real ones would be fakeified by aot_autograd with dynamic
+    # sizes (they have no Dynamo source), and the C++ flex template then references undeclared size symbols.
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(list(example_inputs))
+    fake_consts = [mode.from_tensor(c, static_shapes=True) for c in consts] if mode is not None else consts
+    inputs = list(example_inputs) + fake_consts
+    patches = {**_op_patches(gm), **cfg.inductor_patches}
+    compiled = compile_fx(gm, inputs, config_patches=patches, decompositions=_decompositions(gm))
     if not consts:
         return compiled
     # Dynamo calls what compile_fx returns with positional arguments. (Its ``_boxed_call`` attribute is copied
