@@ -71,7 +71,7 @@ def scheduler_config() -> dict:
         clip_sample_range=1.0,
         set_alpha_to_one=False,
         steps_offset=0,
-        timestep_spacing="leading",
+        timestep_spacing="trailing",
     )
 
 
@@ -123,6 +123,27 @@ def save_checkpoint(ema, out: Path, info: dict) -> None:
         shutil.rmtree(old)
 
 
+def evaluate(folder: Path, per_class: int, steps: int, guidance: float) -> dict:
+    """The quality bar: DDIM ``steps`` + CFG samples of every class, judged by the shipped digit classifier."""
+    import fxdit.sampling as sampling
+    from fxdit.quality import SampleScorer
+
+    loaded = sampling.load_dit(folder)
+    labels = sampling.class_labels(range(NUM_CLASSES), per_class)
+    noise = sampling.initial_noise(len(labels), (1, 32, 32), seed=1234)
+    den = sampling.Denoiser.for_model(loaded.transformer)
+    t0 = time.monotonic()
+    with torch.no_grad():
+        images = sampling.ddim_sample(den, labels, noise, loaded.scheduler, steps=steps, guidance_scale=guidance,
+                                      desc="quality check")
+    scorer = SampleScorer()
+    scores = scorer.score(images, labels)
+    with torch.no_grad():
+        hits = (scorer.classifier(images).argmax(1) == labels).view(NUM_CLASSES, per_class).double().mean(1)
+    return dict(scores, per_class_accuracy=[round(float(v), 3) for v in hits], samples=len(labels), steps=steps,
+                guidance_scale=guidance, noise_seed=1234, seconds=round(time.monotonic() - t0, 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("fxdit/data/demo_dit"))
@@ -138,7 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=100_000)
     p.add_argument("--time-budget-min", type=float, default=50.0)
     p.add_argument("--checkpoint-min", type=float, default=5.0)
+    p.add_argument("--eval-per-class", type=int, default=10,
+                   help="after training: samples per class for the quality check (0: skip)")
+    p.add_argument("--eval-steps", type=int, default=50)
+    p.add_argument("--eval-guidance", type=float, default=3.0)
+    p.add_argument("--eval-only", action="store_true", help="only run the quality check on --out")
     args = p.parse_args(argv)
+    if args.eval_only:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(evaluate(args.out, args.eval_per_class, args.eval_steps, args.eval_guidance), indent=2))
+        return 0
 
     from diffusers import DDPMScheduler, DiTTransformer2DModel
     from tqdm import tqdm
@@ -216,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     info = dict(settings, steps=step, loss_ema=loss_avg, elapsed_s=time.monotonic() - start, final=True)
     save_checkpoint(ema, args.out, info)
+    if args.eval_per_class > 0:
+        info["quality"] = evaluate(args.out, args.eval_per_class, args.eval_steps, args.eval_guidance)
+        (args.out / "training_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        print("quality:", json.dumps(info["quality"]), flush=True)
     size = sum(f.stat().st_size for f in args.out.iterdir())
     print(f"done: {step} steps in {(time.monotonic() - start) / 60:.1f} min, loss {loss_avg:.4f}, "
           f"saved {size / 1e6:.1f} MB to {args.out}", flush=True)
