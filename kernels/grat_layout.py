@@ -147,7 +147,8 @@ def _adjacency(grid: tuple[int, ...], group: tuple[int, ...], mode: str, radius:
         if radius < 0:
             raise ValueError(f"radius={radius}; expected an integer >= 0")
         a = [_axis_clip_adj(n, radius) for n in ng]
-        adj = a[0][:, None, None, :, None, None] & a[1][None, :, None, None, :, None] & a[2][None, None, :, None, None, :]
+        adj = (a[0][:, None, None, :, None, None] & a[1][None, :, None, None, :, None]
+               & a[2][None, None, :, None, None, :])
     else:
         eq = [torch.eye(n, dtype=torch.bool) for n in ng]
         et = eq[0][:, None, None, :, None, None]

@@ -121,7 +121,7 @@ def _grouped_attention_inner(acc, l_i, m_i, q, qg, row_ok,
 
 @triton.jit
 def _grouped_attention_fwd_kernel(
-    Q, K, V, O, QG, KG, ADJ, KVV,
+    Q, K, V, Out, QG, KG, ADJ, KVV,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -152,7 +152,7 @@ def _grouped_attention_fwd_kernel(
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
-    o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     kvv_base = KVV + off_b.to(tl.int64) * stride_kvv_b
 
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -195,7 +195,7 @@ def _grouped_attention_fwd_kernel(
 
     denom = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / denom[:, None]
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
 
