@@ -110,7 +110,8 @@ _ELEMENTWISE = {
     "isnan", "isinf", "isfinite", "nan_to_num", "atan2", "tan", "atan", "asin", "acos", "sinh", "cosh", "exp2",
     "iadd", "isub", "imul", "itruediv", "add_", "sub_", "mul_", "div_", "neg_", "clamp_", "silu_", "relu_", "gelu_",
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__neg__",
-    "__pow__", "__rpow__", "outer", "ger", "baddcmul", "fma", "xlogy", "hypot", "sgn", "polar", "complex", "mul_scalar", "addcmul_",
+    "__pow__", "__rpow__", "outer", "ger", "baddcmul", "fma", "xlogy", "hypot", "sgn", "polar", "complex",
+    "mul_scalar", "addcmul_",
 }
 _OTHER = {
     "layer_norm", "group_norm", "rms_norm", "batch_norm", "instance_norm", "native_layer_norm", "native_group_norm",

@@ -163,3 +163,21 @@ def test_dump_dit_tiny_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _check_dit_tiny_dump(out, batch=2, tokens=64)
+
+
+@pytest.mark.parametrize("model, shape, grid", [
+    ("dit-tiny", (8, 12), (1, 4, 6)),
+    ("dit-video-tiny", (2, 8, 8), (2, 4, 4)),
+    ("sd3", (16, 8), (1, 8, 4)),
+])
+def test_shape_sets_the_model_input_size(model, shape, grid):
+    args = argparse.Namespace(model=model, shape=shape, batch=2, seed=0)
+    spec = dump_cmd._model_spec(args)
+    assert spec.expected.token_grid == grid
+    assert spec.args[0].shape[0] == 2
+
+
+def test_shape_a_model_cannot_take_is_a_usage_error():
+    args = argparse.Namespace(model="dit-tiny", shape=(15, 16), batch=1, seed=0)
+    with pytest.raises(FxditError, match="divisible by the patch"):
+        dump_cmd._model_spec(args)

@@ -250,7 +250,8 @@ def test_nodes_without_shape_metadata_are_filled_by_fake_propagation():
     lin = next(n for n in gm.graph.nodes if n.op == "call_function")
     w = lin.args[1]
     with gm.graph.inserting_after(lin):
-        extra = gm.graph.call_function(torch._C._nn.linear, (lin, w))  # (B, N, fout) @ W[fout, fin]ᵀ -> needs fout == fin
+        # (B, N, fout) @ W[fout, fin]ᵀ needs fout == fin: a node whose shapes do not chain
+        extra = gm.graph.call_function(torch._C._nn.linear, (lin, w))
     out = next(n for n in gm.graph.nodes if n.op == "output")
     out.args = ((extra,),)
     gm.recompile()

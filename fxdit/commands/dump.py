@@ -50,9 +50,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", default="fxdit_dump",
                    help="dump directory (default: %(default)s); graphs go to DIR/graph_NNN/")
     p.add_argument("--shape", metavar="HxW|TxHxW", type=parse_shape,
-                   help="latent input size for the shipped reference models (sets DiTConfig.input_size): "
-                        "'32x32' for an image latent, '8x16x16' for a video latent (T x H x W); the token grid is "
-                        "this size divided by the patch. Only for shipped names whose builder accepts input_size")
+                   help="input size of a shipped model, in latent pixels: '32x32' for an image latent, '8x16x16' "
+                        "for a video latent (T x H x W); the token grid is this size divided by the patch. Sets "
+                        "DiTConfig.input_size for the reference DiTs, [frames,] height, width for SD3/Hunyuan "
+                        "Video/Wan, the packed token grid (grid_h x grid_w) for Flux, and a square sample_size "
+                        "for diffusers DiT/PixArt")
     p.add_argument("--batch", type=int, default=2,
                    help="batch size of the example inputs of a shipped model (default: %(default)s, so the batch "
                         "dim is told apart from size-1 dims in the cost table)")
@@ -108,16 +110,42 @@ def _user_options(text: str | None) -> dict[str, Any]:
     return value
 
 
+def _shape_overrides(shape: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Candidate build overrides for ``--shape``, tried in order until the model's builder accepts one.
+
+    The shipped builders name their input size differently (the reference DiT: ``input_size``; SD3, Hunyuan
+    Video, Wan: ``[frames,] height, width``; Flux: the packed token grid ``grid_h, grid_w``; diffusers DiT and
+    PixArt: a square ``sample_size``); the first set whose keys a builder accepts is used.
+    """
+    out: list[dict[str, Any]] = [{"input_size": tuple(shape)}]
+    if len(shape) == 3:
+        out.append(dict(zip(("frames", "height", "width"), shape)))
+    else:
+        out.append(dict(zip(("height", "width"), shape)))
+        out.append({"grid_h": shape[0], "grid_w": shape[1]})
+        if shape[0] == shape[1]:
+            out.append({"sample_size": shape[0]})
+    return out
+
+
 def _model_spec(args: argparse.Namespace) -> Any:
     from fxdit import models
     from fxdit.errors import FxditError
 
     spec = args.model
     if spec in models.names():
-        overrides: dict[str, Any] = {}
-        if args.shape is not None:
-            overrides["input_size"] = tuple(args.shape)
-        return models.build(spec, batch=args.batch, seed=args.seed, **overrides)
+        if args.shape is None:
+            return models.build(spec, batch=args.batch, seed=args.seed)
+        tried = []
+        for overrides in _shape_overrides(tuple(args.shape)):
+            try:
+                return models.build(spec, batch=args.batch, seed=args.seed, **overrides)
+            except FxditError as exc:
+                if f"override {next(iter(overrides))!r}" not in str(exc):
+                    raise  # the builder took the keys but rejected the values: that message is the useful one
+                tried.append(", ".join(overrides))
+        raise FxditError(f"--shape {'x'.join(map(str, args.shape))}: model {spec!r} takes no input size override "
+                         f"(tried: {'; '.join(tried)})")
     if ":" in spec and args.shape is not None:
         raise FxditError(f"--shape applies to shipped model names only; {spec!r} is a module:factory model, "
                          "whose factory makes its own inputs")
