@@ -181,3 +181,12 @@ def test_shape_a_model_cannot_take_is_a_usage_error():
     args = argparse.Namespace(model="dit-tiny", shape=(15, 16), batch=1, seed=0)
     with pytest.raises(FxditError, match="divisible by the patch"):
         dump_cmd._model_spec(args)
+
+
+def test_options_from_a_json_file(tmp_path):
+    path = tmp_path / "opts.json"
+    path.write_text('{"attention": {"mode": "grat-b"}}')
+    assert dump_cmd._user_options(str(path)) == {"attention": {"mode": "grat-b"}}
+    path.write_text("[1, 2]")
+    with pytest.raises(FxditError, match="expected a JSON object"):
+        dump_cmd._user_options(str(path))
