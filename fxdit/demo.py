@@ -532,30 +532,32 @@ def _to_uint8(img: torch.Tensor) -> Any:
     return a[:3].numpy().transpose(1, 2, 0)
 
 
-def _panel(images: torch.Tensor, rows: int, title: str, scale: int) -> Any:
+def _panel(images: torch.Tensor, per_class: int, title: str, scale: int) -> Any:
+    """A labelled grid: one column per class, ``per_class`` rows (samples are ordered class by class)."""
     from PIL import Image, ImageDraw
 
     n, _c, h, w = images.shape
-    cols = max(1, math.ceil(n / rows))
+    cols = max(1, n // per_class)
     pad, head = 2, 14
-    panel = Image.new("RGB", (cols * (w * scale + pad) + pad, head + rows * (h * scale + pad) + pad), "white")
+    width = max(cols * (w * scale + pad) + pad, 8 * len(title))
+    panel = Image.new("RGB", (width, head + per_class * (h * scale + pad) + pad), "white")
     for i in range(n):
-        r, c = i // cols, i % cols
+        c, r = i // per_class, i % per_class
         tile = Image.fromarray(_to_uint8(images[i])).resize((w * scale, h * scale), Image.NEAREST)
         panel.paste(tile, (pad + c * (w * scale + pad), head + pad + r * (h * scale + pad)))
     ImageDraw.Draw(panel).text((pad, 1), title, fill="black")
     return panel
 
 
-def _side_by_side(panels: Sequence[Any]) -> Any:
+def _stack(panels: Sequence[Any]) -> Any:
     from PIL import Image
 
-    width = sum(p.width for p in panels) + 4 * (len(panels) - 1)
-    out = Image.new("RGB", (width, max(p.height for p in panels)), "white")
-    x = 0
+    out = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels) + 4 * (len(panels) - 1)),
+                    "white")
+    y = 0
     for p in panels:
-        out.paste(p, (x, 0))
-        x += p.width + 4
+        out.paste(p, (0, y))
+        y += p.height + 4
     return out
 
 
@@ -563,10 +565,10 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def write_outputs(results: Sequence[ModeResult], out: str | Path, *, settings: CompareSettings, rows: int,
+def write_outputs(results: Sequence[ModeResult], out: str | Path, *, settings: CompareSettings,
                   meta: Mapping[str, Any]) -> dict[str, Path]:
-    """Write labelled PNG grids (``compare_<mode>.png``: full vs mode vs |diff|, and ``all_modes.png``),
-    ``report.md`` and ``report.json`` to ``out``; returns the paths."""
+    """Write labelled PNG grids (``compare_<mode>.png``: full, mode and 4×|difference| stacked; ``all_modes.png``:
+    every mode stacked; one column per class), ``report.md`` and ``report.json`` to ``out``; returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ref = next((r.images for r in results if r.name == "eager" and r.images is not None), None)
@@ -577,17 +579,18 @@ def write_outputs(results: Sequence[ModeResult], out: str | Path, *, settings: C
         if r.images is None:
             continue
         label = f"{r.name} ({r.steps} steps)"
-        panels.append(_panel(r.images, rows, label, scale))
+        pc = settings.per_class
+        panels.append(_panel(r.images, pc, label, scale))
         if ref is not None and r.name != "eager":
-            diff = ((r.images - ref).abs() * 4 - 1).clamp(-1, 1)
-            img = _side_by_side([_panel(ref, rows, "full (eager)", scale), _panel(r.images, rows, label, scale),
-                                 _panel(diff, rows, "|diff| x2", scale)])
+            diff = ((r.images - ref).abs() * 4 - 1).clamp(-1, 1)  # 4x |difference| in [-1, 1] units
+            img = _stack([_panel(ref, pc, "full computation (eager)", scale), _panel(r.images, pc, label, scale),
+                          _panel(diff, pc, "4 x |difference|", scale)])
             path = out / f"compare_{_slug(r.name)}.png"
             img.save(path)
             written[f"compare_{_slug(r.name)}"] = path
     if panels:
         path = out / "all_modes.png"
-        _side_by_side(panels).save(path)
+        _stack(panels).save(path)
         written["all_modes"] = path
     table = format_table(results)
     md = ["# fxdit comparison", "", table, "",

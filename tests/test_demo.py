@@ -114,7 +114,7 @@ def test_compare_keeps_going_when_modes_fail(tmp_path):
     assert by["cache-dit"].status.startswith("unavailable: ")
     assert by["diffusers FirstBlockCache"].status == ("unavailable: not supported for DiTTransformer2DModel "
                                                       "(diffusers enable_cache needs CacheMixin)")
-    written = demo.write_outputs(results, tmp_path, settings=s, rows=2, meta={"model": "demo-dit"})
+    written = demo.write_outputs(results, tmp_path, settings=s, meta={"model": "demo-dit"})
     assert {p.name for p in written.values()} == {"all_modes.png", "report.md", "report.json"}
     report = json.loads((tmp_path / "report.json").read_text())
     assert [m["name"] for m in report["modes"]] == [m.name for m in modes]

@@ -83,7 +83,7 @@ def execute(args: argparse.Namespace, modes: list[Any], model: str) -> int:
             "params": sum(p.numel() for p in loaded.transformer.parameters()),
             "training_steps": loaded.info.get("training", {}).get("steps"),
             "wall_s": round(time.perf_counter() - t0, 1)}
-    written = write_outputs(results, args.out, settings=settings, rows=len(settings.classes), meta=meta)
+    written = write_outputs(results, args.out, settings=settings, meta=meta)
     print(format_table(results))
     print(f"\nwrote {', '.join(str(p) for p in written.values())} ({meta['wall_s']:.0f} s)")
     return 0
