@@ -7,7 +7,8 @@ Analysis only: the graph is not changed. Two families of call forms are recognis
   form (Flux, Wan, HunyuanVideo) are the same code;
 * the unfused chain ``softmax(q @ kᵀ · scale [+ mask]) @ v`` (:data:`UNFUSED_CHAIN`): one row per step, each
   listing the node kinds allowed there, optional steps and what the step records. ``@`` may be ``matmul``,
-  ``torch.bmm`` or ``.matmul``; kᵀ may be ``transpose(-2, -1)``, ``transpose(-1, -2)``, a permute swapping
+  ``torch.bmm`` or ``.matmul``; the scores may also be ``torch.baddbmm(mask_or_empty, q, kᵀ, beta=0|1,
+  alpha=scale)`` (diffusers' classic ``AttnProcessor``); kᵀ may be ``transpose(-2, -1)``, ``transpose(-1, -2)``, a permute swapping
   the last two dims or ``.mT``; the scale may be ``*`` or ``/`` on the scores or on q (``"unfused_prescaled"``).
 
 Spans come from the token :class:`~fxdit.passes._dataflow.Layout` of q and k (see :mod:`._dataflow`): a
@@ -93,7 +94,7 @@ UNFUSED_CHAIN: tuple[ChainStep, ...] = (
     ChainStep("cast", frozenset({"cast"}), optional=True, repeat=True),
     ChainStep("mask", frozenset({"elementwise:add"}), optional=True),
     ChainStep("scale", frozenset({"elementwise:mul", "elementwise:div"}), optional=True, repeat=True),
-    ChainStep("qk", frozenset({"matmul"})),
+    ChainStep("qk", frozenset({"matmul", "baddbmm"})),
 )
 
 #: Kinds that make kᵀ out of k (checked to swap the last two dims).
@@ -235,9 +236,21 @@ def _take(step: str, cur: fx.Node, facts: dict[str, Any], nodes: list[fx.Node]) 
             return None, ""
         facts["scale"] *= factor
         return x, ""
-    # "qk": q @ kᵀ, with an optional scale applied to q first
-    q = cur.args[0] if cur.args else None
-    kt = cur.args[1] if len(cur.args) > 1 else None
+    # "qk": q @ kᵀ, with an optional scale applied to q first; or baddbmm(mask, q, kᵀ, beta=, alpha=scale)
+    if kind(cur) == "baddbmm":
+        inp, q, kt = (list(cur.args) + [None, None, None])[:3]
+        alpha = _scalar(cur.kwargs.get("alpha", 1.0))
+        beta = _scalar(cur.kwargs.get("beta", 1.0))
+        if alpha is None or beta is None:
+            return None, "unfused attention: baddbmm alpha/beta are not Python numbers"
+        facts["scale"] *= alpha
+        if beta != 0 and isinstance(inp, fx.Node):
+            if beta != 1:
+                return None, "unfused attention: baddbmm adds a mask scaled by beta != 1"
+            facts["mask"] = inp
+    else:
+        q = cur.args[0] if cur.args else None
+        kt = cur.args[1] if len(cur.args) > 1 else None
     if not isinstance(kt, fx.Node) or kind(kt) not in TRANSPOSE_KINDS or not _swaps_last_two(kt):
         return None, "unfused attention: the scores matmul's second operand is not k transposed"
     nodes.append(kt)
@@ -259,7 +272,7 @@ def _take(step: str, cur: fx.Node, facts: dict[str, Any], nodes: list[fx.Node]) 
 def _reaches_scores(n: Any, depth: int = 6) -> bool:
     while isinstance(n, fx.Node) and depth > 0:
         fk = _fine_kind(n)
-        if fk == "matmul":
+        if fk in ("matmul", "baddbmm"):
             return True
         if fk in ("elementwise:mul", "elementwise:div", "cast"):
             x, _ = _split_scalar(n) if fk != "cast" else (n.args[0], None)
@@ -315,10 +328,16 @@ def _site(node: fx.Node, form: str, nodes: tuple[str, ...], q: fx.Node, k: fx.No
         kv_heads, kv_len = ks[1], ks[2]
         layout = "BHSD"
     else:
-        batch, q_len, head_dim = qs
-        heads = kv_heads = 1
+        # Heads folded into the batch (diffusers' classic processors): the batch is the latent input's.
+        bh, q_len, head_dim = qs
         kv_len = ks[1]
         layout = "(BH)SD"
+        img = next((n for n in node.graph.nodes if n.name == streams.image_input), None)
+        b = (shape_of(img) or (0,))[0] if img is not None else 0
+        if b and bh % b == 0 and ks[0] % b == 0:
+            batch, heads, kv_heads = b, bh // b, ks[0] // b
+        else:
+            batch, heads, kv_heads = bh, 1, 1
     val = fake_value(q)
     dtype = str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else "float32"
     span = _spans(streams.layout(q), streams.layout(k), q_len, kv_len, len(qs) - 2)

@@ -13,7 +13,9 @@ missing).
   fused projection split into q, k, v); ``attn_out``: reached forwards from a site's output through views,
   casts, splits and concatenations; ``modulation``: input without a token dim (a conditioning vector), output
   a multiple ``k >= 2`` of the hidden size; ``mlp_in``: token input, output wider than its input, followed by
-  an activation; ``mlp_out``: input reached backwards from an activation of an ``mlp_in``; else ``other``.
+  an activation; ``mlp_out``: input reached backwards from an activation of an ``mlp_in``; a projection that
+  reads both an attention output and an MLP activation (single-stream blocks' fused ``proj_out``) and
+  everything else: ``other``. Module names are never consulted.
 * Streams: in a block whose linears read both image-only and text-only tokens (dual-stream blocks, image→text
   cross-attention), each linear gets ``"image"``, ``"text"`` or ``"joint"`` from the token layout of its
   input; in single-stream blocks every linear is ``"joint"``.
@@ -47,7 +49,7 @@ from fxdit.passes._dataflow import (
 from fxdit.passes._fx_utils import fxdit_meta, module_path, node_meta
 from fxdit.passes._records import AttentionSite, BlockInfo, LinearInfo, TokenGrid
 
-__all__ = ["find_blocks", "ROLE_RULES", "MODULE_NAME_HINTS"]
+__all__ = ["find_blocks", "analyse_blocks", "ROLE_RULES"]
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +62,6 @@ OUT_THROUGH = frozenset({"view", "transpose", "permute", "mT", "getitem", "split
 TO_ACT_THROUGH = frozenset({"view", "getitem", "split", "cast"})
 #: Kinds between an activation and the MLP's second linear (GEGLU multiplies by the gate).
 FROM_ACT_THROUGH = frozenset({"view", "getitem", "split", "cast", "dropout", "elementwise", "cat"})
-
-#: Module-name fragments, used ONLY to break a tie when dataflow gives two roles equal standing (never to
-#: assign a role on their own). Currently no rule consults it: every role above is decided by dataflow.
-MODULE_NAME_HINTS: dict[str, tuple[str, ...]] = {
-    "attn_out": ("to_out", "proj", "o_proj"),
-    "mlp_out": ("fc2", "ff.net.2", "down_proj"),
-}
-
 
 @dataclass
 class _BlockFacts:

@@ -324,3 +324,82 @@ def test_reference_dit_property(cfg):
             assert math.isclose(s.scale, cfg.head_dim ** -0.5, rel_tol=1e-6)
     assert len(g.blocks) == cfg.depth
     assert g.token_grid.shape == cfg.grid
+
+
+class _JointBlock(torch.nn.Module):
+    """Dual-stream joint attention: per-stream q/k/v projections, cat along the sequence, split back."""
+
+    def __init__(self, c: int = 16, heads: int = 2, text_first: bool = True) -> None:
+        super().__init__()
+        self.heads, self.text_first = heads, text_first
+        self.img = torch.nn.ModuleList([torch.nn.Linear(c, c) for _ in range(4)])
+        self.txt = torch.nn.ModuleList([torch.nn.Linear(c, c) for _ in range(4)])
+
+    def _h(self, x):
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, h, ctx):
+        n_txt = ctx.shape[1]
+        qkv = []
+        for i in range(3):
+            a, b = self._h(self.txt[i](ctx)), self._h(self.img[i](h))
+            qkv.append(torch.cat([a, b] if self.text_first else [b, a], dim=2))
+        out = F.scaled_dot_product_attention(query=qkv[0], key=qkv[1], value=qkv[2]).transpose(1, 2).flatten(2)
+        if self.text_first:
+            t, i = out[:, :n_txt], out[:, n_txt:]
+        else:
+            i, t = out.split([h.shape[1], n_txt], dim=1)
+        return h + self.img[3](i), ctx + self.txt[3](t)
+
+
+class _JointModel(torch.nn.Module):
+    """Packed latent tokens (Flux-like) and text tokens of the SAME count and width: only names tell them apart."""
+
+    def __init__(self, text_first: bool) -> None:
+        super().__init__()
+        self.x_embedder = torch.nn.Linear(16, 16)
+        self.context_embedder = torch.nn.Linear(16, 16)
+        self.blocks = torch.nn.ModuleList([_JointBlock(text_first=text_first) for _ in range(2)])
+        self.proj_out = torch.nn.Linear(16, 16)
+
+    def forward(self, hidden_states, encoder_hidden_states):
+        h, c = self.x_embedder(hidden_states), self.context_embedder(encoder_hidden_states)
+        for blk in self.blocks:
+            h, c = blk(h, c)
+        return self.proj_out(h)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_joint_attention_spans_with_equal_stream_lengths(text_first):
+    m = _JointModel(text_first).eval()
+    (g,) = analyze(m, torch.randn(1, 6, 16), torch.randn(1, 6, 16))
+    assert len(g.attention_sites) == 2
+    for s in g.attention_sites:
+        assert s.form == "sdpa_keyword" and s.span_source == "cat" and not s.cross
+        assert (s.text_span, s.image_span) == (((0, 6), (6, 12)) if text_first else ((6, 12), (0, 6)))
+        assert s.text_first is text_first
+    streams = [{lin.module.split(".")[2]: lin.stream for lin in b.linears} for b in g.blocks]
+    assert streams == [{"img": "image", "txt": "text"}] * 2
+
+
+@pytest.mark.skipif(needs("pixart-alpha") != [], reason="diffusers is not installed")
+def test_diffusers_classic_processor_baddbmm_form():
+    """diffusers' AttnProcessor: heads folded into the batch, baddbmm(empty|mask, q, kᵀ, alpha=scale), bmm."""
+    import fxdit.models as models
+    from diffusers.models.attention_processor import AttnProcessor
+
+    spec = models.build("pixart-alpha")
+    for m in spec.model.modules():
+        if hasattr(m, "set_processor"):
+            m.set_processor(AttnProcessor())
+    (g,) = analyze(spec.model, *spec.args, **spec.kwargs)
+    e = spec.expected
+    sites = g.attention_sites
+    assert len(sites) == e.attention_sites and sum(s.cross for s in sites) == e.cross_attention_sites
+    heads = spec.model.config.num_attention_heads
+    for s in sites:
+        assert s.form == "unfused" and s.layout == "(BH)SD" and s.heads == heads and s.batch == 1
+        assert math.isclose(s.scale, s.head_dim ** -0.5, rel_tol=1e-6)
+        assert s.image_span == e.image_span
+        assert s.mask_kind == ("float" if s.cross else "none")
+    assert [b.index for b in g.blocks] == list(range(e.blocks))
