@@ -124,11 +124,28 @@ _OTHER = {
 _WEIGHT_NAME = re.compile(r"(^|_)(parameters|buffers)_")
 
 
+def _submodule(node: fx.Node) -> torch.nn.Module | None:
+    """The module a ``call_module`` node calls (graphs from ``symbolic_trace`` or non-inlined Dynamo graphs)."""
+    gm = node.graph.owning_module
+    try:
+        return gm.get_submodule(str(node.target)) if gm is not None else None
+    except AttributeError:
+        return None
+
+
+_MODULE_ELEMENTWISE = (torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Mish,
+                       torch.nn.Dropout, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Hardswish)
+_MODULE_OTHER = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Softmax, torch.nn.modules.batchnorm._BatchNorm,
+                 torch.nn.Embedding) + ((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
+
+
 def _short_name(node: fx.Node) -> str:
     """``"linear"``, ``"add"``, ``"fxdit::grouped_attention"``... for a call node (aten/prims namespaces dropped)."""
     target = node.target
     if node.op == "call_method":
         return str(target)
+    if node.op == "call_module":
+        return f"module:{type(_submodule(node)).__name__}"
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         qualified = target.name() if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name
         ns, _, rest = qualified.partition("::")
@@ -264,24 +281,26 @@ def _fake(node: Any) -> Any:
     return value
 
 
-def _fill_missing(gm: fx.GraphModule) -> dict[str, Any]:
+def _fill_missing(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> dict[str, Any]:
     """Fake values for call nodes that carry none (a pass built them without meta), by fake propagation.
 
     Runs the graph under a fresh ``FakeTensorMode`` on fake inputs of the recorded shapes; the graph's own
     metadata is left untouched. Returns ``{}`` when nothing is missing or propagation fails.
     """
-    calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     if all(fake_value(n) is not None for n in calls):
         return {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    given = list(example_inputs) if example_inputs is not None else []
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     values: dict[str, Any] = {}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     inputs = []
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
+    for i, n in enumerate(placeholders):
         v = fake_value(n)
+        if v is None and i < len(given):
+            v = given[i]
         if isinstance(v, torch.Tensor):
             with mode:  # a fake tensor of the recorded shape, stride, dtype and device; nothing is allocated
                 inputs.append(torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device))
@@ -638,7 +657,7 @@ class _Walker:
             got = self._reshape(fshape, fexpr, shape)
             if got is not None:
                 return got
-        if op in _LINEAR and fexpr:
+        if (op in _LINEAR or op == "module:Linear") and fexpr:
             return fexpr[:-1] + [sympy.Integer(shape[-1])]
         if (op in _MATMUL or op in _MATMUL_ADD) and len(shape) >= 2:
             off = 1 if op in _MATMUL_ADD else 0
@@ -652,7 +671,7 @@ class _Walker:
             eq, ev = self.sym_shape(_arg(node, 0, "query")), self.sym_shape(_arg(node, 2, "value"))
             if eq and ev and len(eq) == len(shape):
                 return eq[:-1] + [ev[-1]]
-        if (op in _CONV or op in _CONV_T) and fexpr and len(shape) >= 3:
+        if (op in _CONV or op in _CONV_T or op.startswith("module:Conv")) and fexpr and len(shape) >= 3:
             spatial = shape[2:]
             n0 = self.dims.tokens
             if n0 is not None and _prod(spatial) == n0:
@@ -702,10 +721,12 @@ class _Walker:
         op = _short_name(node)
         inputs = _tensor_inputs(node)
         io_bytes = sum((self.nbytes(i) for i in inputs), _ZERO) + self.nbytes(node)
-        if op in _VIEW or node.op == "call_module":
+        if op in _VIEW:
             return None
         if _tensor(_fake(node)) is None:
             return None
+        if node.op == "call_module":
+            return self._module_cost(node, op, inputs, io_bytes)
         if op in _LINEAR:
             x, w = _arg(node, 0, "input"), _arg(node, 1, "weight")
             ws = self.sym_shape(w)
@@ -757,6 +778,26 @@ class _Walker:
         self._unknown[op] += 1
         return "other", self.numel(node), io_bytes
 
+    def _module_cost(self, node: fx.Node, op: str, inputs: Sequence[fx.Node],
+                     io_bytes: sympy.Expr) -> tuple[str, sympy.Expr, sympy.Expr] | None:
+        """A ``call_module`` node: nn.Linear / conv / norms / activations; its own parameters count as read."""
+        mod = _submodule(node)
+        if mod is None or isinstance(mod, torch.nn.Identity):
+            return None
+        io_bytes = io_bytes + sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
+        if isinstance(mod, torch.nn.Linear):
+            return "linear", self.numel(node) * mod.in_features, io_bytes
+        if isinstance(mod, torch.nn.modules.conv._ConvNd):
+            per = _prod(mod.weight.shape[1:])
+            base = self.numel(inputs[0]) if mod.transposed and inputs else self.numel(node)
+            return "conv", base * per, io_bytes
+        if isinstance(mod, _MODULE_ELEMENTWISE):
+            return "elementwise", self.numel(node), io_bytes
+        if isinstance(mod, _MODULE_OTHER):
+            return "other", self._largest(node, inputs), io_bytes
+        self._unknown[op] += 1
+        return "other", self.numel(node), io_bytes
+
     def _largest(self, node: fx.Node, inputs: Sequence[fx.Node]) -> sympy.Expr:
         best, best_n = self.numel(node), _numel_int(node)
         for i in inputs:
@@ -802,7 +843,7 @@ class _Walker:
         for node in self.gm.graph.nodes:  # in graph order, so the shape propagation never recurses deeply
             self.sym_shape(node)
         for node in self.gm.graph.nodes:
-            if node.op not in ("call_function", "call_method"):
+            if node.op not in ("call_function", "call_method", "call_module"):
                 continue
             try:
                 res = self.cost(node)
@@ -894,7 +935,7 @@ def _sum_rows(op_class: str, items: Iterable[NodeCost]) -> CostRow:
 
 
 def graph_cost(gm: fx.GraphModule, *, batch: int | None = None, tokens: int | None = None,
-               text: int | None = None) -> CostTable:
+               text: int | None = None, example_inputs: Sequence[Any] | None = None) -> CostTable:
     """MACs and bytes of ``gm`` per op class, symbolic in ``B``/``N``/``L`` and at the traced shapes.
 
     Args:
@@ -902,16 +943,19 @@ def graph_cost(gm: fx.GraphModule, *, batch: int | None = None, tokens: int | No
             The attention sites and token grid that ``find_attention``/``find_blocks`` left in
             ``gm.meta["fxdit"]`` tell which sizes are ``N`` and ``L``; without them, ``N`` is unknown.
         batch, tokens, text: override the traced ``b0``, ``n0``, ``l0`` the symbols stand for.
+        example_inputs: tensors (or fake tensors) for the placeholders, in order, for graphs without shape
+            metadata (e.g. from ``torch.fx.symbolic_trace``); only their shapes, strides and dtypes are used.
+            Nodes without metadata get it by fake propagation (the graph itself is not changed).
 
     Returns:
         A :class:`CostTable`.
     """
-    token = _FILLED.set(_fill_missing(gm))
+    token = _FILLED.set(_fill_missing(gm, example_inputs))
     try:
         dims = _traced_dims(gm, batch, tokens, text)
         nodes, unknown = _Walker(gm, dims).walk()
         unshaped = [n.name for n in gm.graph.nodes
-                    if n.op in ("call_function", "call_method") and _fake(n) is None]
+                    if n.op in ("call_function", "call_method", "call_module") and _fake(n) is None]
     finally:
         _FILLED.reset(token)
     if unshaped:

@@ -276,3 +276,16 @@ def test_missing_metadata_filled():
     assert sympy.expand(table.row("linear").macs_expr - 2 * B * N * c * c) == 0
     assert not table.unknown
     _check_consistent(table)
+
+
+def test_symbolic_trace_graph_with_call_modules():
+    """A plain ``symbolic_trace`` graph (call_module nodes, no metadata) is costed from example inputs."""
+    c, b0, n0 = 12, 2, 10
+    m = torch.nn.Sequential(torch.nn.LayerNorm(c), torch.nn.Linear(c, 3 * c), torch.nn.GELU(),
+                            torch.nn.Linear(3 * c, c)).eval()
+    gm = torch.fx.symbolic_trace(m)
+    table = graph_cost(gm, tokens=n0, example_inputs=[torch.randn(b0, n0, c)])
+    assert sympy.expand(table.row("linear").macs_expr - 2 * B * N * 3 * c * c) == 0
+    assert table.row("elementwise").count == 1 and table.row("other").count == 1
+    assert table.row("linear").macs == 2 * b0 * n0 * 3 * c * c
+    _check_consistent(table)
