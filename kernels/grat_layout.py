@@ -321,12 +321,11 @@ class BlockTables(NamedTuple):
 
 
 def _block_class_counts(cls: Tensor, num_classes: int, block_size: int) -> Tensor:
+    """int64 ``[nb, num_classes]``: how many positions of each class every block holds."""
     s = cls.numel()
     nb = -(-s // block_size)
-    counts = torch.zeros(nb, num_classes, dtype=torch.float64)
-    blk = torch.arange(s) // block_size
-    counts.index_put_((blk, cls.long()), torch.ones(s, dtype=torch.float64), accumulate=True)
-    return counts
+    flat = (torch.arange(s) // block_size) * num_classes + cls.long()
+    return torch.bincount(flat, minlength=nb * num_classes).view(nb, num_classes)
 
 
 def _tables_from_flags(full: Tensor, partial: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -340,16 +339,31 @@ def _tables_from_flags(full: Tensor, partial: Tensor) -> tuple[Tensor, Tensor, T
     return kv_num, kv_idx, full_num, full_idx
 
 
+# Above this many (query-block class, key-block class) pairs the dense product is cheaper than the sparse one.
+_SPARSE_PAIRS_LIMIT = 1 << 22
+
+
 def block_flags(cls_q: Tensor, cls_k: Tensor, adj: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
-    """Full and partial ``[Qb, Kb]`` block flags of the mask ``adj[cls_q[i], cls_k[j]]`` (vectorised).
+    """Full and partial ``[Qb, Kb]`` block flags of the mask ``adj[cls_q[i], cls_k[j]]`` (vectorised, exact).
 
     A block is full when all ``block_size²`` elements (padding past the end counts as masked) are visible, partial
-    when some are.
+    when some are. visible[qb, kb] = Σ_{a,c} count_q[qb, a]·adj[a, c]·count_k[kb, c], summed over the few classes
+    present in each block (integer arithmetic; no per-token Python loop).
     """
     cq = _block_class_counts(cls_q, adj.shape[0], block_size)
     ck = _block_class_counts(cls_k, adj.shape[1], block_size)
-    visible = cq @ adj.to(torch.float64) @ ck.T
-    total = float(block_size * block_size)
+    qb, kb = cq.shape[0], ck.shape[0]
+    nzq = cq.nonzero()
+    nzk = ck.nonzero()
+    if nzq.shape[0] * nzk.shape[0] <= _SPARSE_PAIRS_LIMIT:
+        wq = cq[nzq[:, 0], nzq[:, 1]]
+        wk = ck[nzk[:, 0], nzk[:, 1]]
+        pair = adj[nzq[:, 1]][:, nzk[:, 1]].to(torch.int64) * wq[:, None] * wk[None, :]
+        rows = torch.zeros(qb, pair.shape[1], dtype=torch.int64).index_add_(0, nzq[:, 0], pair)
+        visible = torch.zeros(qb, kb, dtype=torch.int64).index_add_(1, nzk[:, 0], rows)
+    else:  # many classes per block (e.g. a raster-order image span): dense product, exact in float64
+        visible = (cq.double() @ adj.double() @ ck.double().T).round().to(torch.int64)
+    total = block_size * block_size
     full = visible == total
     partial = (visible > 0) & ~full
     return full, partial

@@ -262,3 +262,12 @@ def test_closed_form_with_text_matches_dense_mask(layout):
     expected = L.closed_form_density(layout.grid, layout.group, layout.mode, layout.radius, text_len=text_len)
     assert L.dense_mask(layout).double().mean().item() == pytest.approx(expected, rel=1e-12)
     assert L.block_density(L.block_mask_tables(layout, 16)) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("layout", TABLE_LAYOUTS[-3:] + LAYOUTS[-1:], ids=lambda x: f"{x.mode}-{x.seq_len}")
+def test_block_flags_dense_and_sparse_paths_agree(layout, monkeypatch):
+    cls, adj = L.token_groups(layout), L.group_adj(layout)
+    sparse = L.block_flags(cls, cls, adj, 16)
+    monkeypatch.setattr(L, "_SPARSE_PAIRS_LIMIT", 0)
+    dense = L.block_flags(cls, cls, adj, 16)
+    assert torch.equal(sparse[0], dense[0]) and torch.equal(sparse[1], dense[1])
