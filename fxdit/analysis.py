@@ -7,7 +7,8 @@
 :func:`analyze` traces the model with Dynamo under ``torch.no_grad()``, using a recording backend that copies
 each graph (``fresh_copy``), runs ``find_attention`` and ``find_blocks`` on the copy under a default (or given)
 :class:`~fxdit.config.FxditConfig`, and returns the graph's own ``forward`` (no inductor). Dynamo's caches are
-reset before and after, so the call leaves no compiled state behind.
+reset before and after (``torch._dynamo.reset()``), so the call leaves no compiled state behind; functions
+compiled before it recompile on their next call.
 """
 
 from __future__ import annotations

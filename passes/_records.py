@@ -39,7 +39,9 @@ class AttentionSite:
         text_span: ``(start, stop)`` of the text tokens, when the sequence joins text and image tokens.
         cross: True when keys come from another sequence than queries (image→text cross-attention).
         block: index of the transformer block the site lives in (``None`` when outside any block).
-        span_source: how the spans were found (``"cat"``, ``"self"``, ``"cross"``, ``"unknown"``).
+        span_source: how the spans were found (``"cat"``: joint text+image sequence, ``"self"``: image tokens
+            only, ``"cross"``: image queries, keys from another sequence, ``"text"``: text tokens only (a text
+            refiner; ``image_span`` is ``None``), ``"unknown"``).
     """
 
     node: str
