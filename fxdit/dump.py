@@ -12,6 +12,7 @@ Layout, per graph Dynamo produced::
         NN_<variant>/after.py          # graph variants built after the pipeline (ICC's full and cached steps)
         NN_<variant>/cost.md           # ... with their cost tables
         report.md                      # pass reports, attention sites, blocks and linears, token grid, costs
+        cost.json                      # the cost tables (graph and variants) as data
         input.svg, final.svg           # only when pydot and graphviz's ``dot`` are installed
 
 ``report.md`` sections: *Pass reports* (matched/rewritten/created/erased/skipped per pass, plus each pass's
@@ -28,6 +29,7 @@ compilation: every step catches its own errors and logs them.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -150,8 +152,13 @@ class GraphDump:
 
     @_never_raise
     def finish(self, gm: fx.GraphModule, reports: Sequence[PassReport], example_inputs: Sequence[Any]) -> None:
-        """``report.md`` for the graph as the pipeline left it (and ``final.svg`` when graphviz is available)."""
-        self._write("report.md", render_report(gm, reports, variants=self._variants))
+        """``report.md`` and ``cost.json`` for the graph as the pipeline left it (``final.svg`` with graphviz)."""
+        table = _cost(gm)
+        self._write("report.md", render_report(gm, reports, variants=self._variants, table=table))
+        if table is not None:
+            doc = {"graph": _cost_json(table),
+                   "variants": {name: _cost_json(vt) for name, vt, _ in self._variants if vt is not None}}
+            self._write("cost.json", json.dumps(doc, indent=1) + "\n")
         _write_svg(gm, os.path.join(self.path, "final.svg"))
         log.info("fxdit dump written to %s", self.path)
 
@@ -167,6 +174,17 @@ def _cost(gm: fx.GraphModule) -> Any:
     except Exception as exc:  # noqa: BLE001 - a dump must never break compilation
         log.warning("fxdit dump: cost model failed (%s: %s)", type(exc).__name__, exc)
         return None
+
+
+def _cost_json(table: Any) -> dict[str, Any]:
+    """A :class:`~fxdit.cost.CostTable` as plain data (expressions as strings)."""
+    def row(r: Any) -> dict[str, Any]:
+        return {"op_class": r.op_class, "count": r.count, "macs_expr": str(r.macs_expr),
+                "bytes_expr": str(r.bytes_expr), "macs": r.macs, "bytes": r.bytes}
+
+    d = table.dims
+    return {"dims": {"B": d.batch, "N": d.tokens, "L": d.text, "sources": dict(d.sources)},
+            "rows": [row(r) for r in table.rows], "total": row(table.total), "unknown": dict(table.unknown)}
 
 
 def _details(report: PassReport) -> str:
@@ -303,7 +321,7 @@ def _cache_section(cache: Any) -> list[str]:
 
 def render_report(gm: fx.GraphModule, reports: Sequence[PassReport],
                   variants: Sequence[tuple[str, Any, PassReport | None]] = (), *, cost: bool = True,
-                  note: str | None = None) -> str:
+                  note: str | None = None, table: Any = None) -> str:
     """The markdown report for ``gm`` after the pipeline (see the module docstring for its sections).
 
     Args:
@@ -312,6 +330,7 @@ def render_report(gm: fx.GraphModule, reports: Sequence[PassReport],
         variants: ``(name, CostTable | None, PassReport | None)`` for graph variants built after the pipeline.
         cost: include the cost table (the one slow section).
         note: a line printed under the title.
+        table: the graph's :class:`~fxdit.cost.CostTable` when already computed.
     """
     from fxdit.passes._fx_utils import fxdit_meta
 
@@ -336,7 +355,8 @@ def render_report(gm: fx.GraphModule, reports: Sequence[PassReport],
     lines += _blocks_section(blocks)
     lines += _grid_section(state.get("token_grid"))
     lines += ["## Cost", ""]
-    table = _cost(gm) if cost else None
+    if table is None and cost:
+        table = _cost(gm)
     if not cost:
         lines += ["Written when compilation finishes.", ""]
     elif table is None:

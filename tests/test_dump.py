@@ -94,6 +94,12 @@ def test_dump_files_per_graph_and_pass(tmp_path, no_inductor):
     site_rows = [line for line in report.splitlines() if "sdpa" in line and line.startswith("| ")]
     assert len(site_rows) == 1 and "grat-b group (2, 2), density 0.5, ideal ×2" in site_rows[0]
     assert "| linear | 2 |" in report and "| attention | 1 |" in report
+    import json
+
+    with open(os.path.join(d, "cost.json")) as f:
+        cost = json.load(f)["graph"]
+    assert cost["dims"]["B"] == 2 and cost["dims"]["N"] == 12
+    assert sum(r["macs"] for r in cost["rows"]) == cost["total"]["macs"] > 0
     rec = fxdit.reports(m)[0]
     assert rec.dump_dir == d
 

@@ -165,6 +165,14 @@ def _shapes(spec: Any) -> str:
     return ", ".join(parts) or "no tensor inputs"
 
 
+def _total_cost(dump_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(dump_dir, "cost.json"), encoding="utf-8") as f:
+            return json.load(f)["graph"]["total"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Compile, run once, print a summary. Raises ``FxditError`` on bad input (the CLI prints it)."""
     from fxdit.errors import FxditError
@@ -205,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
         for r in rec.reports:
             print(f"    {r.summary()}")
         if rec.dump_dir:
+            total = _total_cost(rec.dump_dir)
+            if total:
+                print(f"    MACs: {total['macs_expr']} = {total['macs']:,} at the traced shape")
             print(f"    report: {os.path.join(rec.dump_dir, 'report.md')}")
     exp = getattr(spec, "expected", None)
     if exp is not None:
