@@ -44,8 +44,18 @@ def _count(gm: torch.fx.GraphModule, target) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
 
 
+_MODELS: dict[tuple, tuple] = {}
+
+
 def _dit(**overrides) -> tuple[torch.nn.Module, tuple, dict]:
-    """The reference DiT of the brief: 32x32 latent, patch 2 -> 16x16 tokens."""
+    """The reference DiT of the brief: 32x32 latent, patch 2 -> 16x16 tokens (built once per configuration)."""
+    key = tuple(sorted(overrides.items()))
+    if key not in _MODELS:
+        _MODELS[key] = _build_dit(**overrides)
+    return _MODELS[key]
+
+
+def _build_dit(**overrides) -> tuple[torch.nn.Module, tuple, dict]:
     cfg = DiTConfig(**{"depth": 2, "hidden": 32, "heads": 2, "input_size": (32, 32), "num_classes": 4, **overrides})
     torch.manual_seed(0)
     model = DiT(cfg).eval()
@@ -57,8 +67,18 @@ def _dit(**overrides) -> tuple[torch.nn.Module, tuple, dict]:
     return model, args, kwargs
 
 
+_CAPTURED: dict[int, tuple] = {}
+
+
+def _capture(model, args, kwargs):
+    """``capture`` once per model object (the analysed graph is only read; each test rewrites a fresh copy)."""
+    if id(model) not in _CAPTURED:
+        _CAPTURED[id(model)] = (model, *capture(model, args, kwargs))
+    return _CAPTURED[id(model)][1:]
+
+
 def _rewrite(model, args, kwargs, cfg, *, hoist=True):
-    gm, inputs = capture(model, args, kwargs, cfg)
+    gm, inputs = _capture(model, args, kwargs)
     work = fresh_copy(gm)
     if not hoist:
         grid = fxdit_meta(work)["token_grid"]
@@ -120,11 +140,11 @@ def test_unfused_and_prescaled_forms_match_sdpa_oracle():
     cfg = _cfg(mode="grat-b", group=(4, 4), radius=0)
     for form in ("unfused", "unfused_prescaled"):
         other, _, _ = _dit(attention=form)
-        other.load_state_dict(model.state_dict())
+        other.load_state_dict(model.state_dict())  # same weights (seeded alike anyway)
         gm, work, inputs, report = _rewrite(other, args, kwargs, cfg)
         assert report.rewritten == 2 and _count(work, OP) == 2
         assert _count(work, torch.matmul) + _count(work, operator.matmul) == 0
-        sdpa_gm, _ = capture(model, args, kwargs, cfg)
+        sdpa_gm, _ = _capture(model, args, kwargs)
         with torch.no_grad():
             out = work(*inputs, *lifted_constants(work))
             with grouped_sdpa(sdpa_gm, cfg):
@@ -155,7 +175,7 @@ def test_video_grid():
 def test_two_dimensional_group_for_video_grid_is_an_error():
     model, args, kwargs = _dit(input_size=(4, 16, 16), hidden=48, patch=(1, 2, 2))
     cfg = _cfg(mode="grat-b", group=(4, 4))
-    gm, _ = capture(model, args, kwargs, cfg)
+    gm, _ = _capture(model, args, kwargs)
     with pytest.raises(FxditError, match="attention.group"):
         rewrite_grouped_attention(fresh_copy(gm), cfg)
 
@@ -179,9 +199,12 @@ def test_ineligible_sites_untouched(attention, reason, rewritten):
         _check_against_oracle(gm, work, inputs, model, args, kwargs, cfg)
 
 
-def _tiny(name: str, **overrides):
-    spec = M.build(name, batch=2, **overrides)
-    return spec.model, spec.args, spec.kwargs
+def _tiny(name: str):
+    key = ("tiny", name)
+    if key not in _MODELS:
+        spec = M.build(name, batch=2)
+        _MODELS[key] = (spec.model, spec.args, spec.kwargs)
+    return _MODELS[key]
 
 
 def test_pixart_cross_attention_stays_dense():
@@ -222,7 +245,7 @@ def test_diffusers_joint_and_rope_models(name, attention):
 
 def test_bool_mask_that_is_not_key_padding_stays_dense():
     model, args, kwargs = _dit()
-    gm, _ = capture(model, args, kwargs, _cfg(mode="grat-b", group=(4, 4)))
+    gm, _ = capture(model, args, kwargs)
     sites = fxdit_meta(gm)["attention_sites"]
     # A [S, S] boolean mask varies over queries: not a key-padding mask.
     from fxdit.passes.rewrite_grouped_attention import _why_not
