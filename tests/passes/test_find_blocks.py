@@ -239,3 +239,23 @@ def test_dynamic_shapes_use_trace_time_sizes():
     assert g.token_grid.shape == e.token_grid
     assert all(s.image_span == e.image_span and s.batch == 2 for s in g.attention_sites)
     assert all(_role_counts(b) == e.roles(b.index) for b in g.blocks)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    pytest.param("sd3", {"dual_attention_layers": (0,)}, marks=needs("sd3")),  # SD3.5: extra image-only attn2
+    pytest.param("hunyuan-video", {"num_single_layers": 2, "num_refiner_layers": 2}, marks=needs("hunyuan-video")),
+])
+def test_model_variants(name, overrides):
+    import fxdit.models as models
+
+    spec = models.build(name, **overrides)
+    (g,) = analyze(spec.model, *spec.args, **spec.kwargs)
+    e = spec.expected
+    assert len(g.attention_sites) == e.attention_sites and len(g.blocks) == e.blocks
+    assert sum(s.span_source == "text" for s in g.attention_sites) == getattr(e, "text_only_attention_sites", 0)
+    assert all(_role_counts(b) == e.roles(b.index) for b in g.blocks)
+    assert g.token_grid.shape == e.token_grid
+    joint = [s for s in g.attention_sites if s.span_source == "cat"]
+    assert joint and all((s.image_span, s.text_span) == (e.image_span, e.text_span) for s in joint)
+    image_only = [s for s in g.attention_sites if s.span_source == "self"]
+    assert all(s.image_span == e.image_span and s.text_span is None for s in image_only)
