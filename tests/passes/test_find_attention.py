@@ -403,3 +403,20 @@ def test_diffusers_classic_processor_baddbmm_form():
         assert s.image_span == e.image_span
         assert s.mask_kind == ("float" if s.cross else "none")
     assert [b.index for b in g.blocks] == list(range(e.blocks))
+
+
+def test_aten_sdpa_on_a_graph_with_val_meta():
+    """The aten overload is in the table too; post-grad style graphs carry ``meta["val"]``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    def f(q, k, v):
+        return torch.ops.aten.scaled_dot_product_attention.default(q, k, v, None, 0.0, True, scale=0.3)
+
+    gm = torch.fx.symbolic_trace(f)
+    q = torch.randn(1, 2, 6, 4)
+    FakeTensorProp(gm, FakeTensorMode()).propagate(q, q, q)
+    report = find_attention(gm, CFG)
+    (s,) = fxdit_meta(gm)["attention_sites"]
+    assert report.matched == 1 and s.form == "sdpa_positional" and s.causal and s.scale == 0.3
+    assert (s.heads, s.q_len, s.head_dim) == (2, 6, 4)
