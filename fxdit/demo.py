@@ -124,7 +124,7 @@ class CompareSettings:
 
     steps: int = 50
     classes: tuple[int, ...] = tuple(range(10))
-    per_class: int = 2
+    per_class: int = 1
     guidance_scale: float = 3.0
     seed: int = 0
     rank: int = 64
@@ -600,7 +600,8 @@ def write_outputs(results: Sequence[ModeResult], out: str | Path, *, settings: C
           f"{settings.gates.ssim}. Time: one sampling run after a warm-up run (compilation excluded). "
           "MACs: estimated per run from layer shapes (see fxdit/demo.py). Class accuracy, the IS-like score and "
           "FD (Fréchet distance in the digit classifier's feature space vs all real digits) use the shipped "
-          "classifier; with few samples FD is noisy and only comparable between rows.", ""]
+          "classifier; with few samples FD is noisy and only comparable between rows. Timings are wall clock on a "
+          "shared machine: see the load average below.", ""]
     md += ["| mode | what it is | IS-like | compile+warm-up | rewrites |", "|---|---|---|---|---|"]
     for r in results:
         rw = "; ".join(f"{k}: {v['rewritten']}/{v['matched']}" for k, v in r.rewrites.items()

@@ -147,7 +147,7 @@ def test_demo_cli_all_modes_end_to_end(tmp_path):
     for m in report["modes"]:
         assert m["status"] == "ok" or m["status"].startswith("unavailable: ")
     img = Image.open(out / "compare_inductor.png")
-    assert img.width > img.height
+    assert img.width > img.height  # one column per class, full / mode / difference stacked
 
 
 # ---------------------------------------------------------------------------------------------------- eval

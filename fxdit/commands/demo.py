@@ -44,7 +44,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser("demo", help="compare eager / inductor / fxdit modes on the shipped digits DiT",
                               description=__doc__)
-    add_common(p, steps=50, per_class=2)
+    add_common(p, steps=50, per_class=1)
     p.add_argument("--model", default="demo-dit", help="shipped model name or folder (default demo-dit)")
     p.add_argument("--modes", type=_name_list, default=None,
                    help="comma-separated modes (default all): " + ", ".join(MODES))
@@ -68,9 +68,14 @@ def settings_from(args: argparse.Namespace) -> Any:
 def execute(args: argparse.Namespace, modes: list[Any], model: str) -> int:
     """Load, compare, print and write; shared by ``demo`` and ``eval``."""
     import fxdit.sampling as sampling
+    import torch
+
     from fxdit.demo import compare, format_table, write_outputs
 
+    import os
+
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     settings = settings_from(args)
     loaded = sampling.load_dit(model)
     scorer = None
@@ -82,7 +87,9 @@ def execute(args: argparse.Namespace, modes: list[Any], model: str) -> int:
     meta = {"model": model, "source": loaded.source, "class": type(loaded.transformer).__name__,
             "params": sum(p.numel() for p in loaded.transformer.parameters()),
             "training_steps": loaded.info.get("training", {}).get("steps"),
-            "wall_s": round(time.perf_counter() - t0, 1)}
+            "wall_s": round(time.perf_counter() - t0, 1), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_avg_1min_before_after": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}
     written = write_outputs(results, args.out, settings=settings, meta=meta)
     print(format_table(results))
     print(f"\nwrote {', '.join(str(p) for p in written.values())} ({meta['wall_s']:.0f} s)")
