@@ -272,6 +272,19 @@ def render(rows: list[Row], meta: dict[str, Any], e2e: str) -> str:
     return "\n".join(lines)
 
 
+NOTES = [
+    "* fxdit and flex run the same inductor C++ flex template over the same BlockMask, so their ratio should be "
+    "≈1; fxdit builds the BlockMask in-graph from the tables (graph inputs) and has no extra work per call.",
+    "* Block size = the largest of 128/64/32/16 dividing the group (8×8 groups → 64, 16×16 → 128), so every "
+    "image block is full or empty (the `partial/listed blocks` column) and block density = token density (grat.md §6).",
+    "* A row marked CONTENDED had too few clean calls (the 2-core machine was shared with other jobs); its medians "
+    "use every call and its ratios are less reliable than those of clean rows (round-robin interleaving still "
+    "exposes all providers to the same load).",
+    "* `tables ms` is the first (uncached) `block_mask_tables` call of the row, measured in the same contended "
+    "process; it is cached per layout afterwards.",
+]
+
+
 def _existing_e2e(path: Path) -> str:
     if not path.exists():
         return ""
@@ -301,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     if args.append and sidecar.exists():
         rows = [Row(**r) for r in json.loads(sidecar.read_text())]
-    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+    meta: dict[str, Any] = {"notes": NOTES, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "heads": args.heads, "head_dim": args.head_dim,
             "max_other": args.max_other, "cpu": _cpu_name()}
     for grid_s in args.grids.split(","):
