@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import os
 import shutil
 import sys
 import time
