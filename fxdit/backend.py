@@ -203,6 +203,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditC
         passes = tuple(p for p in PIPELINE if p.__name__ in ANALYSIS_PASSES)
 
     work = fresh_copy(gm)
+    from fxdit.passes._dataflow import record_position_ids
+
+    record_position_ids(work, example_inputs)  # packed-latent models (Flux) show their token grid only in ids
     work, reports = run_pipeline(work, cfg, passes=passes, dump=dump)
 
     runtime = None
