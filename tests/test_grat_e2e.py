@@ -2,8 +2,8 @@
 
 The oracle (tests/grat_oracle.py) patches SDPA in the *eager* model so that the calls the pass rewrites apply the
 dense boolean mask built from ``grat_layout`` in the model's own token order. The compiled model runs the rewritten
-graph through inductor (the op lowers to FlexAttention on CPU). Whole-model compiles take 20-60 s here, so all but
-one case are ``slow``.
+graph through inductor (the op lowers to FlexAttention on CPU). Whole-model compiles take 30-70 s on the shared
+2-core machine, so every case is ``slow`` (``pytest -m slow tests/test_grat_e2e.py``).
 """
 
 from __future__ import annotations
