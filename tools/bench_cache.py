@@ -357,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
             part_b(args.steps, args.repeats, res)
         else:
             part_c(args.quality_steps, args.quality_samples, args.quality_ranks, res)
+        merged: dict[str, Any] = {}
+        if os.path.exists(RESULTS):  # another part may have finished meanwhile
+            with open(RESULTS) as f:
+                merged = json.load(f)
+        merged[part] = res[part]
+        res = merged
         with open(RESULTS, "w") as f:
             json.dump(res, f, indent=1, default=float)
     if args.render or args.part:

@@ -5,13 +5,13 @@ against the full variant at the same inputs: with weights that are exactly rank 
 increment path reproduces the full step, for every cached role and form.
 """
 
+import pytest
 import torch
 import torch.fx as fx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxdit.kernels.ops  # noqa: F401  (registers the fxdit ops)
-import pytest
 from fxdit.calibration import Factors, weight_fingerprint
 from fxdit.config import FxditConfig
 from fxdit.errors import FxditError
