@@ -78,6 +78,7 @@ R_DENSE = "attention.mode is 'dense'"
 R_LAYER = "block not in attention.layers"
 R_CROSS = "cross-attention stays dense"
 R_SPAN = "token span not understood"
+R_TEXT_ONLY = "no image tokens (text-only attention)"
 R_MIN_TOKENS = "fewer image tokens than attention.min_tokens"
 R_NO_GRID = "no token grid"
 R_GRID_MISMATCH = "image span length differs from the token grid"
@@ -143,6 +144,8 @@ def _why_not(site: AttentionSite, grid: tuple[int, ...] | None, cfg: FxditConfig
         return R_CROSS
     if site.layout != "BHSD":
         return R_LAYOUT
+    if site.span_source == "text":
+        return R_TEXT_ONLY
     if site.span_source == "unknown" or site.image_span is None or site.q_len != site.kv_len:
         return R_SPAN
     start, stop = site.image_span

@@ -7,6 +7,7 @@ tokens, so agreement checks the permutations, the hoisting, the sequence layouts
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import pytest
@@ -22,13 +23,20 @@ from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, lifted_constants
 from fxdit.passes.rewrite_grouped_attention import (
     PER_SITE_PERMUTES,
     R_BOOL_MASK,
+    R_CAUSAL,
     R_CROSS,
     R_DENSE,
+    R_DROPOUT,
+    R_FLOAT_MASK,
+    R_GRID_MISMATCH,
     R_LAYER,
     R_MIN_TOKENS,
+    R_NO_GRID,
     R_SPAN,
+    R_TEXT_ONLY,
     R_TILE,
     _reshape_map,
+    _why_not,
     rewrite_grouped_attention,
 )
 
@@ -222,7 +230,7 @@ def test_hunyuan_key_padding_mask_and_text_only_site():
     cfg = _cfg(mode="grat-x", group=(1, 2, 3))
     gm, work, inputs, report = _rewrite(model, args, kwargs, cfg)
     # the token refiner attends over text only: no image span
-    assert report.rewritten == 2 and report.skipped == {R_SPAN: 1}
+    assert report.rewritten == 2 and report.skipped == {R_TEXT_ONLY: 1}
     ops = [n for n in work.graph.nodes if n.target is OP]
     assert all(n.args[10] is not None for n in ops)  # kv_valid from the bool [B, 1, 1, S] mask
     assert report.details["hoisted"]
@@ -248,8 +256,6 @@ def test_bool_mask_that_is_not_key_padding_stays_dense():
     gm, _ = capture(model, args, kwargs)
     sites = fxdit_meta(gm)["attention_sites"]
     # A [S, S] boolean mask varies over queries: not a key-padding mask.
-    from fxdit.passes.rewrite_grouped_attention import _why_not
-
     nodes = {n.name: n for n in gm.graph.nodes}
     mask_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
     mask_node.meta["example_value"] = torch.zeros(256, 256, dtype=torch.bool)
@@ -257,7 +263,14 @@ def test_bool_mask_that_is_not_key_padding_stays_dense():
     site.mask, site.mask_kind = mask_node.name, "bool"
     assert _why_not(site, (16, 16), _cfg(mode="grat-b", group=(4, 4)), nodes) == R_BOOL_MASK
     mask_node.meta["example_value"] = torch.zeros(2, 1, 1, 256, dtype=torch.bool)
-    assert _why_not(site, (16, 16), _cfg(mode="grat-b", group=(4, 4)), nodes) is None
+    cfg = _cfg(mode="grat-b", group=(4, 4))
+    assert _why_not(site, (16, 16), cfg, nodes) is None
+    # the other per-site reasons, one field at a time
+    for change, reason in [({"span_source": "unknown"}, R_SPAN), ({"span_source": "text"}, R_TEXT_ONLY),
+                           ({"cross": True}, R_CROSS), ({"causal": True}, R_CAUSAL), ({"dropout": 0.1}, R_DROPOUT),
+                           ({"mask_kind": "float"}, R_FLOAT_MASK), ({"image_span": (0, 128)}, R_GRID_MISMATCH)]:
+        assert _why_not(dataclasses.replace(site, **change), (16, 16), cfg, nodes) == reason
+    assert _why_not(site, None, cfg, nodes) == R_NO_GRID
 
 
 @pytest.mark.parametrize("in_shape, d, out_shape, expected", [
