@@ -281,6 +281,72 @@ def _quality_configs(model, example, ranks, calib_run):
         yield f"ICC {method} r={ranks[0]}, period 2", {"cache": {"factors": fac, "schedule": {"period": 2}}}
 
 
+# -- part d ----------------------------------------------------------------------------------------------------
+def part_d(ranks: list[int], out: dict[str, Any]) -> None:
+    """Separate vs joint factorisation of the fused qkv weight: one cached step's error against its MACs.
+
+    Reference DiT (hidden 384, 6 heads, depth 2, 256 tokens, batch 2, random weights), only the qkv linears cached;
+    the graph variants run eagerly (no inductor). Error: relative L2 of the model output of a cached step (caches
+    from the previous step of a 2-step DDIM-like move) against the full computation of that step.
+    """
+    import fxdit
+    from fxdit.config import FxditConfig
+    from fxdit.cost import macs
+    from fxdit.models.dit import DiT, DiTConfig
+    from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, lifted_constants
+    from fxdit.passes.find_attention import find_attention
+    from fxdit.passes.find_blocks import find_blocks
+    from fxdit.passes.insert_lowrank_increments import insert_lowrank_increments
+    from fxdit.passes.plan_cache import plan_cache
+    from fxdit.passes.record_linear_caches import record_linear_caches
+
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(depth=2, hidden=384, heads=6, input_size=(32, 32), num_classes=10)).eval()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 4, 32, 32, generator=g)
+    x1 = x0 + 0.05 * torch.randn(x0.shape, generator=g)
+    t0, t1 = torch.full((2,), 500.0), torch.full((2,), 480.0)
+    y = torch.tensor([1, 2])
+    rows = []
+    for qkv in ("separate", "joint"):
+        for r in ranks:
+            rank = r if qkv == "separate" else int(r * 1.5)  # equal MACs: 3·(d+d)·r = (d+3d)·1.5r
+            fac = fxdit.calibrate(model, method="svd", rank=rank, qkv=qkv, progress=False,
+                                  modules={n: "qkv" for n, _ in model.named_modules() if n.endswith("attn.qkv")},
+                                  example=((x0, t0, y), {}))
+            cfg = FxditConfig.from_options({"cache": {"factors": fac, "qkv": qkv, "roles": ["qkv"]}})
+            got = {}
+
+            def backend(gm, example_inputs):
+                work = fresh_copy(gm)
+                find_attention(work, cfg)
+                find_blocks(work, cfg)
+                plan_cache(work, cfg)
+                full, cached = fresh_copy(work), fresh_copy(work)
+                n = record_linear_caches(full, cfg).details["user_outputs"]
+                insert_lowrank_increments(cached, cfg)
+                got.update(work=work, full=full, cached=cached, n=n, inputs=list(example_inputs))
+                return gm.forward
+
+            torch._dynamo.reset()
+            with torch.no_grad():
+                torch.compile(model, backend=backend, dynamic=False)(x0, t0, y)
+                ins = got["inputs"]
+                xi, ti = [i for i, v in enumerate(ins) if v is x0 or v is t0]
+                full_out = got["full"](*ins, *lifted_constants(got["full"]))
+                caches = list(full_out[got["n"]:])
+                ins1 = list(ins)
+                ins1[xi], ins1[ti] = x1, t1
+                exact = got["work"](*ins1)[0]
+                approx = got["cached"](*ins1, *caches, *lifted_constants(got["cached"]))[0]
+            rel = float((approx - exact).norm() / exact.norm())
+            rows.append({"qkv": qkv, "rank": rank, "rel_err": rel, "macs_cached": macs(got["cached"]),
+                         "macs_full": macs(got["work"]),
+                         "planned": len(fxdit_meta(got["work"])["cache_plan"]["entries"])})
+            print(rows[-1], file=sys.stderr)
+    out["d"] = {"rows": rows}
+
+
 # -- report ----------------------------------------------------------------------------------------------------
 def render(res: dict[str, Any]) -> str:
     lines = ["# ICC benchmark (tools/bench_cache.py)", ""]
@@ -327,6 +393,16 @@ def render(res: dict[str, Any]) -> str:
         for row in sorted(c["rows"], key=lambda r: r["mac_ratio"]):
             lines.append(f"| {row['config']} | {row['mac_ratio']:.3f} | {row['psnr']:.2f} |")
         lines.append("")
+    d = res.get("d")
+    if d:
+        lines += ["## (d) Fused qkv: separate vs joint factorisation at equal increment MACs", "",
+                  "Reference DiT, hidden 384, depth 2, 256 tokens, batch 2, random weights; only qkv cached. Relative "
+                  "L2 error of one cached step's output against the full step (caches from the previous step).", "",
+                  "| qkv factors | rank | cached-step MACs / full | rel. error |", "|---|---|---|---|"]
+        for row in d["rows"]:
+            lines.append(f"| {row['qkv']} | {row['rank']} | {row['macs_cached'] / row['macs_full']:.3f} | "
+                         f"{row['rel_err']:.4f} |")
+        lines.append("")
     extra = res.get("notes")
     if extra:
         lines += ["## Notes", "", *extra, ""]
@@ -335,7 +411,7 @@ def render(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["a", "b", "c"], action="append", default=[])
+    ap.add_argument("--part", choices=["a", "b", "c", "d"], action="append", default=[])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 128, 256])
     ap.add_argument("--steps", type=int, default=100)
@@ -355,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
             part_a(args.rounds, args.ranks, res)
         elif part == "b":
             part_b(args.steps, args.repeats, res)
-        else:
+        elif part == "c":
             part_c(args.quality_steps, args.quality_samples, args.quality_ranks, res)
+        else:
+            part_d([16, 32, 64], res)
         merged: dict[str, Any] = {}
         if os.path.exists(RESULTS):  # another part may have finished meanwhile
             with open(RESULTS) as f:
