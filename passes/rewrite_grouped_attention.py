@@ -988,7 +988,11 @@ def _rewrite_site(gm: fx.GraphModule, plan: _Plan, cfg: FxditConfig, grid: tuple
     with graph.inserting_before(old):
         def gather(x: fx.Node) -> fx.Node:
             if hoisted:
-                return x
+                # A fresh contiguous BHSD buffer, as the per-site gather gives: inductor's CPU flex template reads
+                # the *base* buffer's layout of its q/k/v and fails on views of buffers of another rank.
+                c = graph.call_function(torch.clone, (x,), {"memory_format": torch.contiguous_format})
+                meta.stamp(c, old, {"grat_permute": "none (contiguous copy)"})
+                return c
             g = _index_select(graph, x, 2, order_n)
             meta.stamp(g, old, {"grat_permute": "site"})
             return g
