@@ -373,12 +373,13 @@ def _reset_diffusers_cache(module: torch.nn.Module) -> None:
             registry.reset_stateful_hooks()
 
 
-def _rewrite_summary(fn: Any) -> dict[str, Any]:
+def _rewrite_summary(fn: Any, earlier: set[int]) -> dict[str, Any]:
+    """Pass reports summed over the graphs compiled for this mode (records in ``earlier`` belong to others)."""
     import fxdit
 
     out: dict[str, Any] = {}
     try:
-        records = fxdit.reports(fn)
+        records = [r for r in fxdit.reports(fn) if id(r) not in earlier]
     except Exception as exc:  # reports are informative only
         return {"error": _reason(exc)}
     for rec in records:
@@ -432,6 +433,9 @@ def compare(loaded: sampling.LoadedModel, modes: Sequence[Mode], settings: Compa
                 opts = mode.options if mode.backend == "fxdit" else None
                 res.macs = run_macs(cost, opts, steps, _mode_rank(opts, settings.rank))
             torch._dynamo.reset()
+            from fxdit import registry
+
+            earlier = {id(r) for r in registry.all_records()}
             t0 = time.perf_counter()
             fn, wrapped = build_callable(mode, model, settings.rank, memo, example)
             fxdit_mode = mode.backend == "fxdit"
@@ -444,7 +448,7 @@ def compare(loaded: sampling.LoadedModel, modes: Sequence[Mode], settings: Compa
                              fxdit_mode)
             res.time_s = time.perf_counter() - t0
             if fxdit_mode:
-                res.rewrites = _rewrite_summary(fn)
+                res.rewrites = _rewrite_summary(fn, earlier)
             if not torch.isfinite(images).all():
                 raise FxditError("the samples contain NaN/Inf")
         except Exception as exc:  # one mode failing must not stop the comparison

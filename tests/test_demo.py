@@ -144,6 +144,8 @@ def test_demo_cli_all_modes_end_to_end(tmp_path):
     for name in ("eager", "inductor", "fxdit (lossless)", "fewer-step DDIM (equal MACs)"):
         assert by[name]["status"] == "ok", (name, by[name]["status"])
     assert by["fxdit (lossless)"]["psnr_db"] == "inf" or by["fxdit (lossless)"]["psnr_db"] > 60
+    # each row reports only its own graphs: the lossless row rewrote nothing
+    assert sum(v["rewritten"] for v in by["fxdit (lossless)"]["rewrites"].values()) == 0
     for m in report["modes"]:
         assert m["status"] == "ok" or m["status"].startswith("unavailable: ")
     img = Image.open(out / "compare_inductor.png")
