@@ -609,7 +609,7 @@ def write_outputs(results: Sequence[ModeResult], out: str | Path, *, settings: C
     md += ["| mode | what it is | IS-like | compile+warm-up | rewrites |", "|---|---|---|---|---|"]
     for r in results:
         rw = "; ".join(f"{k}: {v['rewritten']}/{v['matched']}" for k, v in r.rewrites.items()
-                       if isinstance(v, dict) and v.get("matched")) or "—"
+                       if isinstance(v, dict) and v.get("rewritten")) or "—"
         md.append(f"| {r.name} | {r.description} | {_fmt(r.is_score, '.2f')} | {_fmt(r.compile_s, '.1f', ' s')} | "
                   f"{rw} |")
     md += ["", "Model: " + json.dumps(dict(meta), default=str), ""]
