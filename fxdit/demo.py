@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-import fxdit.sampling as sampling
+import fxdit.sampler as sampling
 from fxdit.errors import FxditError, did_you_mean
 from fxdit.quality import DEFAULT_GATES, Gates, psnr, ssim
 
@@ -400,7 +400,7 @@ def compare(loaded: sampling.LoadedModel, modes: Sequence[Mode], settings: Compa
     ``torch._dynamo.reset()`` runs between compiled modes so each is compiled from scratch with its own backend.
 
     Args:
-        loaded: the model (see :func:`fxdit.sampling.load_dit`).
+        loaded: the model (see :func:`fxdit.sampler.load_dit`).
         modes: the rows.
         settings: what to sample.
         scorer: a :class:`fxdit.quality.SampleScorer` for class accuracy / IS / FD, or ``None``.

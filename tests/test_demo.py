@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import fxdit.sampling as sampling
+import fxdit.sampler as sampling
 from fxdit import demo
 from fxdit.cli import main as cli_main
 from fxdit.errors import FxditError

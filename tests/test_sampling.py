@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import fxdit.sampling as sampling
+import fxdit.sampler as sampling
 from fxdit.errors import FxditError
 
 DEMO_DIR = sampling.SHIPPED_MODELS["demo-dit"]
@@ -148,9 +148,11 @@ def test_trailing_spacing_starts_from_the_last_training_step():
     assert int(sched.timesteps[0]) == 999
 
 
-def test_sampling_module_still_works_as_the_runtime_context():
+def test_sampler_module_does_not_shadow_the_runtime_context():
     import fxdit
+    import fxdit.runtime
 
+    assert fxdit.sampling is fxdit.runtime.sampling  # the sampler lives in fxdit.sampler, not fxdit.sampling
     model = torch.nn.Linear(2, 2)
-    with fxdit.sampling(model):
+    with fxdit.sampling(model, calls_per_step=2):
         pass

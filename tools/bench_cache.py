@@ -177,7 +177,7 @@ def part_a(rounds: int, ranks: list[int], out: dict[str, Any]) -> None:
 # -- part b ----------------------------------------------------------------------------------------------------
 def part_b(steps: int, repeats: int, out: dict[str, Any]) -> None:
     import fxdit
-    from fxdit.sampling import make_scheduler
+    from fxdit.sampler import make_scheduler
 
     model, x0, y = dit_xl_width()
     mods = cached_modules(model)
@@ -216,7 +216,7 @@ def part_b(steps: int, repeats: int, out: dict[str, Any]) -> None:
 def part_c(steps: int, n: int, ranks: list[int], out: dict[str, Any]) -> None:
     import fxdit
     from fxdit.quality import psnr
-    from fxdit.sampling import Denoiser, class_labels, ddim_sample, initial_noise, load_dit
+    from fxdit.sampler import Denoiser, class_labels, ddim_sample, initial_noise, load_dit
 
     loaded = load_dit("demo-dit")
     model, sched = loaded.transformer, loaded.scheduler

@@ -123,7 +123,7 @@ def save_checkpoint(ema, out: Path, info: dict) -> None:
 
 def evaluate(folder: Path, per_class: int, steps: int, guidance: float) -> dict:
     """The quality bar: DDIM ``steps`` + CFG samples of every class, judged by the shipped digit classifier."""
-    import fxdit.sampling as sampling
+    import fxdit.sampler as sampling
     from fxdit.quality import SampleScorer
 
     loaded = sampling.load_dit(folder)

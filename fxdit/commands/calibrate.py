@@ -7,7 +7,7 @@
 Calibration data for ``ca-svd``/``cd-svd``:
 
 * Models with a sampler (the shipped ``demo-dit`` or a diffusers DiT/PixArt ``save_pretrained`` folder, loaded
-  with :func:`fxdit.sampling.load_dit`): DDIM (η = 0) trajectories from seeded noise and random class labels, no
+  with :func:`fxdit.sampler.load_dit`): DDIM (η = 0) trajectories from seeded noise and random class labels, no
   classifier-free guidance (as ICC calibrates). ``ca-svd`` records every call; ``cd-svd`` differences consecutive
   calls of each trajectory. ``--samples`` is the number of trajectories.
 * Other models (the shipped ``fxdit.models`` names, ``module:factory``): no sampler is known, so random calls are
@@ -130,7 +130,7 @@ def _sampler_data(loaded: Any, args: argparse.Namespace) -> tuple[Any, Any]:
 
     from fxdit import calibration
 
-    sampling = importlib.import_module("fxdit.sampling")  # `from fxdit import sampling` is the runtime helper
+    sampling = importlib.import_module("fxdit.sampler")
     model = loaded.transformer
     shape = sampling.sample_shape(model)
     den = sampling.Denoiser.for_model(model, seed=args.seed)
@@ -169,7 +169,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         return (spec.model, *_spec_data(spec, args))
     import importlib
 
-    sampling = importlib.import_module("fxdit.sampling")  # `from fxdit import sampling` is the runtime helper
+    sampling = importlib.import_module("fxdit.sampler")
     if os.path.isdir(args.model) or args.model in sampling.SHIPPED_MODELS:
         loaded = sampling.load_dit(args.model)
         return (loaded.transformer, *_sampler_data(loaded, args))

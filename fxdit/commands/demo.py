@@ -67,7 +67,7 @@ def settings_from(args: argparse.Namespace) -> Any:
 
 def execute(args: argparse.Namespace, modes: list[Any], model: str) -> int:
     """Load, compare, print and write; shared by ``demo`` and ``eval``."""
-    import fxdit.sampling as sampling
+    import fxdit.sampler as sampling
     import torch
 
     from fxdit.demo import compare, format_table, write_outputs

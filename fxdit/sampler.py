@@ -7,11 +7,11 @@ same noise.
 
 Example::
 
-    from fxdit import sampling
-    model, scheduler = sampling.load_dit("demo-dit")
-    labels = sampling.class_labels(range(10), per_class=2)
-    noise = sampling.initial_noise(len(labels), sampling.sample_shape(model), seed=0)
-    images = sampling.ddim_sample(sampling.Denoiser.for_model(model), labels, noise, scheduler,
+    from fxdit import sampler
+    model, scheduler = sampler.load_dit("demo-dit")
+    labels = sampler.class_labels(range(10), per_class=2)
+    noise = sampler.initial_noise(len(labels), sampler.sample_shape(model), seed=0)
+    images = sampler.ddim_sample(sampler.Denoiser.for_model(model), labels, noise, scheduler,
                                   steps=50, guidance_scale=3.0)
 """
 
@@ -20,8 +20,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import sys
-import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,17 +290,3 @@ def ddim_sample(denoiser: Denoiser, labels: torch.Tensor, noise: torch.Tensor, s
             eps = eps_u + guidance_scale * (eps_c - eps_u)
         x, x0 = sched.step(eps, t, x, eta=0.0, return_dict=False)
     return x0
-
-
-class _SamplingModule(types.ModuleType):
-    """``fxdit.sampling`` is both this module and, as documented in the README, the context manager
-    ``fxdit.sampling(compiled_model)`` of :mod:`fxdit.runtime` (which ``import fxdit`` exposes lazily under the
-    same name). Once this module is imported it shadows that attribute, so calling the module delegates."""
-
-    def __call__(self, model: Any) -> Any:
-        from fxdit.runtime import sampling as run_context
-
-        return run_context(model)
-
-
-sys.modules[__name__].__class__ = _SamplingModule
