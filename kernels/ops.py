@@ -94,8 +94,10 @@ def _grouped_attention_decomp(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, 
     """CPU lowering: FlexAttention over a BlockMask built in-graph from the tables (see the module docstring)."""
     if q.device.type != "cpu":
         return NotImplemented  # CUDA keeps the opaque op (Triton kernel)
-    if not _flex_cpu_supported(q, k, v):
-        # float64 / mixed dtypes / no AVX2: inductor compiles the dense masked formula instead.
+    if not _flex_cpu_supported(q, k, v) or kv_valid is not None:
+        # float64 / mixed dtypes / no AVX2: inductor compiles the dense masked formula instead. Same for a per-batch
+        # key-padding mask (kv_valid): inductor's C++ flex template finds no valid choice for a mask_mod that indexes
+        # the batch (NoValidChoicesError, torch 2.13), so such sites stay correct but run dense on CPU.
         return grouped_attention_ref(q, k, v, q_group, kv_group, group_adj, kv_valid, scale=scale,
                                      compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     return _flex_grouped_attention(q, k, v, q_group, kv_group, group_adj, kv_num_blocks, kv_indices,

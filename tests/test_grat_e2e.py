@@ -31,7 +31,8 @@ def _run(model, args, kwargs, attention, *, expect_rewritten, expect_hoisted=Tru
         fast = torch.compile(model, backend="fxdit", options=options)
         out = output_tensor(fast(*args, **kwargs))
     assert calls["calls"] == calls["expected"] and calls["masked"] == expect_rewritten
-    torch.testing.assert_close(out, expected, atol=5e-5, rtol=1e-4)
+    # fp32 compiled vs eager through several blocks: reassociation noise reaches ~6e-5; a wrong mask errs by O(0.1)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     assert (out - dense).abs().max() > 1e-3  # the grouped pattern changed the result: the check has teeth
     records = fxdit.reports(model)
     assert len(records) == 1
@@ -74,11 +75,9 @@ def test_reference_video_dit(mode):
 @pytest.mark.parametrize("name, attention, rewritten", [
     ("sd3", {"group": (4, 4)}, 2),
     ("flux", {"group": (4, 4), "grid": (8, 12)}, 2),  # text first
-    # bool key-padding mask -> kv_valid; refiner stays dense. Known gap (kernels/ops.py CPU lowering): inductor's
-    # C++ flex template finds no valid choice for the kv_valid mask_mod (NoValidChoicesError), also with per-site
-    # gathers; the eager path is covered in tests/passes.
-    pytest.param("hunyuan-video", {"group": (1, 2, 3)}, 2, marks=pytest.mark.xfail(
-        strict=True, reason="CPU flex lowering of kv_valid: NoValidChoicesError (kernels/ops.py)")),
+    # bool key-padding mask -> kv_valid; refiner stays dense. On CPU kv_valid sites lower to the dense masked
+    # formula (inductor's C++ flex template rejects a batch-indexed mask_mod), so they are exact but not sparse.
+    ("hunyuan-video", {"group": (1, 2, 3)}, 2),  # kv_valid sites lower to the dense masked formula on CPU
     ("wan", {"group": (2, 2, 3)}, 2),  # cross-attention stays dense
     ("pixart-alpha", {"group": (4, 4)}, 2),  # self-attention only
 ])
