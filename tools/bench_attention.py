@@ -51,35 +51,7 @@ ROWS_JSON = "attention_rows.json"
 # ------------------------------------------------------------------------------------------------ CPU accounting
 
 
-def _proc_jiffies() -> tuple[int, int]:
-    """(busy jiffies of the whole machine, total jiffies)."""
-    with open("/proc/stat") as f:
-        parts = f.readline().split()[1:]
-    vals = [int(x) for x in parts]
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    total = sum(vals[:8])
-    return total - idle, total
-
-
-def _self_jiffies() -> int:
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime (children not included)
-
-
-def timed_call(fn: Callable[[], Any], reps: int = 1) -> tuple[float, float]:
-    """Run ``fn`` ``reps`` times; return (seconds per call, share of the machine's CPU used by other processes)."""
-    b0, t0 = _proc_jiffies()
-    s0 = _self_jiffies()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    elapsed = (time.perf_counter() - start) / reps
-    b1, t1 = _proc_jiffies()
-    s1 = _self_jiffies()
-    total = max(t1 - t0, 1)
-    other = max((b1 - b0) - (s1 - s0), 0) / total
-    return elapsed, other
+from _timing import timed_call  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 
 # ------------------------------------------------------------------------------------------------ providers

@@ -26,24 +26,10 @@ import torch
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cache_results.json")
 MARKDOWN = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cache.md")
-CONTENDED = 0.05
 
 
 # -- timing --------------------------------------------------------------------------------------------------------
-def _jiffies() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    total = sum(vals[:8])
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    own = int(fields[11]) + int(fields[12])  # utime + stime of this process
-    return total, own
-
-
-def _busy_now() -> int:
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    return sum(vals[:8]) - vals[3] - vals[4]  # minus idle, iowait
+from _timing import CONTENDED, measure  # noqa: E402  (tools/ is on sys.path as a script)
 
 
 class Timer:
@@ -53,12 +39,7 @@ class Timer:
         self.calls: dict[str, list[tuple[float, float]]] = {}
 
     def __call__(self, label: str, fn: Callable[[], Any]) -> Any:
-        b0, (t0, o0) = _busy_now(), _jiffies()
-        start = time.perf_counter()
-        out = fn()
-        sec = time.perf_counter() - start
-        b1, (t1, o1) = _busy_now(), _jiffies()
-        other = max(0.0, ((b1 - b0) - (o1 - o0)) / max(t1 - t0, 1))
+        out, sec, other = measure(fn)
         self.calls.setdefault(label, []).append((sec, other))
         return out
 

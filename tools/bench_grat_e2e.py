@@ -40,31 +40,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "attention.md"
 E2E_BEGIN, E2E_END = "<!-- e2e:begin -->", "<!-- e2e:end -->"
 
 
-def _proc_jiffies() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        vals = [int(x) for x in f.readline().split()[1:]]
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    total = sum(vals[:8])
-    return total - idle, total
-
-
-def _self_jiffies() -> int:
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def timed_call(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(seconds, share of the machine's CPU that other processes used meanwhile)."""
-    b0, t0 = _proc_jiffies()
-    s0 = _self_jiffies()
-    start = time.perf_counter()
-    fn()
-    elapsed = time.perf_counter() - start
-    b1, t1 = _proc_jiffies()
-    s1 = _self_jiffies()
-    other = max((b1 - b0) - (s1 - s0), 0) / max(t1 - t0, 1)
-    return elapsed, other
+from _timing import timed_call  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 
 def _flops(tokens: int, hidden: int, depth: int, mlp_ratio: float, density: float) -> tuple[float, float]:
