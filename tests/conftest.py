@@ -40,3 +40,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def no_inductor(monkeypatch):
+    """The real backend (pipeline, dump, registry, runtime) with inductor left out: the rewritten graph runs as
+    Python. For tests of the passes' semantics that cannot afford a C++ compile per case."""
+    from fxdit import backend
+
+    def lower(gm, example_inputs, cfg):
+        consts = backend.lifted_constants(gm)
+        return lambda *args: gm(*args, *consts)
+
+    monkeypatch.setattr(backend, "lower", lower)

@@ -98,18 +98,6 @@ def test_shape_rejected_for_factory_models(tmp_path):
         dump_cmd.run(_args("--model", "os.path:join", "--shape", "8x8", "--out", str(tmp_path)))
 
 
-@pytest.fixture
-def no_inductor(monkeypatch):
-    """The real backend and pipeline, but the rewritten graph runs as Python instead of through inductor."""
-    from fxdit import backend
-
-    def lower(gm, example_inputs, cfg):
-        consts = backend.lifted_constants(gm)
-        return lambda *args: gm(*args, *consts)
-
-    monkeypatch.setattr(backend, "lower", lower)
-
-
 def test_dump_module_factory(tmp_path, monkeypatch, no_inductor):
     pkg = tmp_path / "pkg"
     pkg.mkdir()

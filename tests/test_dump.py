@@ -51,16 +51,11 @@ _mark_grat.__name__ = "_mark_grat"
 
 
 @pytest.fixture
-def no_inductor(monkeypatch):
-    """Run the real backend (pipeline, dump, registry) but skip inductor: the graph runs as Python."""
+def no_inductor_grat(no_inductor, monkeypatch):
+    """``no_inductor`` with a pipeline whose last pass marks every attention site as grouped."""
     from fxdit import backend
     from fxdit.passes import find_attention, find_blocks
 
-    def lower(gm, example_inputs, cfg):
-        consts = backend.lifted_constants(gm)
-        return lambda *args: gm(*args, *consts)
-
-    monkeypatch.setattr(backend, "lower", lower)
     monkeypatch.setattr(backend, "PIPELINE", (find_attention, find_blocks, _mark_grat))
 
 
@@ -68,7 +63,7 @@ def _graph_dirs(root):
     return sorted(glob.glob(os.path.join(str(root), "graph_*")))
 
 
-def test_dump_files_per_graph_and_pass(tmp_path, no_inductor):
+def test_dump_files_per_graph_and_pass(tmp_path, no_inductor_grat):
     m = _Attn().eval()
     x = torch.randn(2, 12, 32)
     with torch.no_grad():
@@ -104,7 +99,7 @@ def test_dump_files_per_graph_and_pass(tmp_path, no_inductor):
     assert rec.dump_dir == d
 
 
-def test_dump_dir_from_environment(tmp_path, monkeypatch, no_inductor):
+def test_dump_dir_from_environment(tmp_path, monkeypatch, no_inductor_grat):
     monkeypatch.setenv("FXDIT_DUMP_DIR", str(tmp_path / "env"))
     m = _Attn().eval()
     with torch.no_grad():
@@ -115,7 +110,7 @@ def test_dump_dir_from_environment(tmp_path, monkeypatch, no_inductor):
     assert os.path.isfile(os.path.join(dirs[0], "00_input.py"))
 
 
-def test_unwritable_dump_never_breaks_compilation(tmp_path, no_inductor):
+def test_unwritable_dump_never_breaks_compilation(tmp_path, no_inductor_grat):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     m = _Attn().eval()
@@ -125,7 +120,7 @@ def test_unwritable_dump_never_breaks_compilation(tmp_path, no_inductor):
         torch.testing.assert_close(out, m(x))
 
 
-def test_failing_report_never_breaks_compilation(tmp_path, no_inductor, monkeypatch):
+def test_failing_report_never_breaks_compilation(tmp_path, no_inductor_grat, monkeypatch):
     from fxdit import dump
 
     def broken(*args, **kwargs):
@@ -185,7 +180,7 @@ def test_report_without_analysis_records():
     assert "## Cost" in text and "| **total** |" in text
 
 
-def test_provisional_report_survives_a_failing_lowering(tmp_path, no_inductor, monkeypatch):
+def test_provisional_report_survives_a_failing_lowering(tmp_path, no_inductor_grat, monkeypatch):
     from fxdit import backend
 
     def failing_lower(gm, example_inputs, cfg):
