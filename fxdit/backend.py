@@ -63,8 +63,11 @@ def fxdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options:
     """
     if kwargs:
         log.warning("fxdit backend ignores unexpected keyword arguments: %s", sorted(kwargs))
-    cfg = FxditConfig.from_options(options)
-    return compile_graph(gm, example_inputs, cfg)
+    try:
+        cfg = FxditConfig.from_options(options)
+        return compile_graph(gm, example_inputs, cfg)
+    except FxditError as exc:
+        raise _through_dynamo(exc) from None
 
 
 def make_backend(config: FxditConfig | Mapping[str, Any] | None = None) -> Callable[..., Any]:
@@ -74,11 +77,41 @@ def make_backend(config: FxditConfig | Mapping[str, Any] | None = None) -> Calla
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
         if kwargs:
             log.warning("fxdit backend ignores unexpected keyword arguments: %s", sorted(kwargs))
-        return compile_graph(gm, example_inputs, cfg)
+        try:
+            return compile_graph(gm, example_inputs, cfg)
+        except FxditError as exc:
+            raise _through_dynamo(exc) from None
 
     backend.config = cfg  # type: ignore[attr-defined]
     backend.__name__ = "fxdit"
     return backend
+
+
+_SURFACED: dict[type, type] = {}
+
+
+def _through_dynamo(exc: FxditError) -> FxditError:
+    """``exc`` as an error Dynamo lets through to the caller unchanged.
+
+    Dynamo wraps whatever a backend raises in ``BackendCompilerFailed`` (a ``RuntimeError``), except subclasses of
+    its ``ShortenTraceback``; so the user of ``torch.compile(..., backend="fxdit")`` would not see an
+    :class:`FxditError`. The returned error is an instance of ``type(exc)`` (so of ``FxditError`` and ``ValueError``)
+    and of ``ShortenTraceback``, with the same message and traceback. Without that class (another torch) ``exc`` is
+    returned as it is.
+    """
+    passthrough = getattr(getattr(torch._dynamo, "exc", None), "ShortenTraceback", None)
+    if passthrough is None or isinstance(exc, passthrough):
+        return exc
+    cls = _SURFACED.get(type(exc))
+    if cls is None:
+        def __init__(self: Any, message: str) -> None:
+            Exception.__init__(self, message)
+            self.first_useful_frame = None  # ShortenTraceback keeps every frame then
+            self.frame_exec_strategy = None
+
+        cls = type(type(exc).__name__, (type(exc), passthrough), {"__init__": __init__, "__module__": "fxdit"})
+        _SURFACED[type(exc)] = cls
+    return cls(str(exc)).with_traceback(exc.__traceback__)
 
 
 def _needs_grad(example_inputs: Sequence[Any]) -> bool:
