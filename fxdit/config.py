@@ -28,10 +28,12 @@ __all__ = [
     "AttentionConfig",
     "CacheConfig",
     "FxditConfig",
+    "ParallelConfig",
     "ScheduleConfig",
     "ATTENTION_MODES",
     "CACHE_MODES",
     "CACHE_ROLES",
+    "PARALLEL_MODES",
 ]
 
 ATTENTION_MODES = ("dense", "grat-b", "grat-x")
@@ -41,6 +43,7 @@ CACHE_ROLES = ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out")
 QKV_FACTORISATIONS = ("separate", "joint")
 PASS_ERROR_POLICIES = ("raise", "fallback")
 GUARDS = ("none", "nonfinite")
+PARALLEL_MODES = ("none", "halo", "ulysses")
 
 
 def _err(prefix: str, name: str, value: Any, expected: str) -> FxditError:
@@ -298,6 +301,34 @@ class CacheConfig(_Options):
 
 
 @dataclass(frozen=True)
+class ParallelConfig(_Options):
+    """Context parallelism over ``torch.distributed`` (the ``shard_tokens`` pass).
+
+    Args:
+        mode: ``"none"`` (default: nothing changes), ``"halo"`` (tokens sharded by group rows after the patch
+            embedding; GRAT-B attention exchanges only the neighbouring rows' K/V, other attention uses an
+            all-to-all over heads) or ``"ulysses"`` (every attention uses the all-to-all over heads).
+        group: the ``torch.distributed`` process group to shard over; ``None`` means the default group.
+    """
+
+    _prefix: ClassVar[str] = "parallel."
+
+    mode: str = "none"
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        p = self._prefix
+        _check_choice(p, "mode", self.mode, PARALLEL_MODES)
+        if self.group is not None and not (hasattr(self.group, "rank") and hasattr(self.group, "size")
+                                           and hasattr(self.group, "group_name")):
+            raise _err(p, "group", self.group, "a torch.distributed ProcessGroup or None (the default group)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
 class FxditConfig(_Options):
     """Everything the fxdit backend does, as one frozen value.
 
@@ -309,6 +340,7 @@ class FxditConfig(_Options):
         on_pass_error: ``"fallback"`` (default: a pass that fails leaves the graph as it was before it, with one
             warning naming the pass; the model still runs, just without that optimisation) or ``"raise"``.
         inductor: extra inductor ``config_patches`` applied to this compilation only.
+        parallel: context parallelism settings (:class:`ParallelConfig`); off by default.
     """
 
     _prefix: ClassVar[str] = ""
@@ -318,6 +350,7 @@ class FxditConfig(_Options):
     dump_dir: str | None = None
     on_pass_error: str = "fallback"
     inductor: Mapping[str, Any] = field(default_factory=dict)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
@@ -332,6 +365,8 @@ class FxditConfig(_Options):
             raise _err("", "attention", self.attention, "a mapping of attention options")
         if not isinstance(self.cache, CacheConfig):
             raise _err("", "cache", self.cache, "a mapping of cache options")
+        if not isinstance(self.parallel, ParallelConfig):
+            raise _err("", "parallel", self.parallel, "a mapping of parallel options")
 
     @classmethod
     def _convert(cls, key: str, value: Any) -> Any:
@@ -339,6 +374,8 @@ class FxditConfig(_Options):
             return AttentionConfig.from_mapping(value)
         if key == "cache":
             return CacheConfig.from_mapping(value)
+        if key == "parallel":
+            return ParallelConfig.from_mapping(value)
         return value
 
     @classmethod
@@ -376,5 +413,6 @@ class FxditConfig(_Options):
 
 def valid_option_keys() -> dict[str, list[str]]:
     """The valid option keys per section, for docs and error messages."""
-    sections = {"": FxditConfig, "attention": AttentionConfig, "cache": CacheConfig, "cache.schedule": ScheduleConfig}
+    sections = {"": FxditConfig, "attention": AttentionConfig, "cache": CacheConfig, "cache.schedule": ScheduleConfig,
+                "parallel": ParallelConfig}
     return {k: [f.name for f in dataclasses.fields(v)] for k, v in sections.items()}
