@@ -159,6 +159,9 @@ class AttentionConfig(_Options):
         if self.group is not None and self.grid is not None:
             if len(self.group) != len(self.grid):
                 raise _err(p, "group", self.group, f"{len(self.grid)} sizes to match grid={self.grid}")
+            if any(n % g for n, g in zip(self.grid, self.group)):
+                raise _err(p, "group", self.group, f"sizes that divide grid={self.grid} on every axis "
+                           "(the groups must tile the token grid)")
 
     @property
     def enabled(self) -> bool:
@@ -285,6 +288,9 @@ class CacheConfig(_Options):
         object.__setattr__(self, "blocks", _int_tuple(p, "blocks", self.blocks, minimum=0))
         _check_choice(p, "qkv", self.qkv, QKV_FACTORISATIONS)
         _check_choice(p, "guard", self.guard, GUARDS)
+        if mode != "increment" and self.factors is not None:
+            raise _err(p, "mode", mode, "'increment' (or no mode) when cache.factors is given: only increment "
+                       "caching uses factors; remove cache.factors or the mode")
         if mode == "increment" and self.factors is None:
             raise _err(p, "factors", None, "a factor file or Factors object when cache.mode='increment' "
                        "(make one with fxdit.calibrate(model, ..., method='svd'))")
