@@ -509,6 +509,11 @@ def _check_pair(key: str, A: Any, B: Any) -> None:
                          "(float32, float64, float16 or bfloat16)")
     if A.dim() != 2 or B.dim() != 2 or A.shape[1] != B.shape[0] or B.shape[0] < 1:
         raise FxditError(f"{key!r}: expected A [out, r] and B [r, in], got {tuple(A.shape)} and {tuple(B.shape)}")
+    if B.shape[0] > min(A.shape[0], B.shape[1]):
+        raise FxditError(f"{key!r}: rank {B.shape[0]} > min(out, in) = {min(A.shape[0], B.shape[1])}; expected "
+                         "1 <= r <= min(out, in) (full-rank factors already reproduce the weight exactly)")
+    if A.is_meta or B.is_meta:
+        raise FxditError(f"{key!r}: factors on the meta device hold no values; load them on a real device")
     if not bool(torch.isfinite(A).all()) or not bool(torch.isfinite(B).all()):
         raise FxditError(f"{key!r}: factors contain NaN or Inf")
 
