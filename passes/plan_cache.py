@@ -9,7 +9,10 @@ Which linears: those ``find_blocks`` labelled with a role in ``cfg.cache.roles``
 :data:`fxdit.config.CACHE_ROLES`, the one table of cacheable roles), inside the blocks ``cfg.cache.blocks``.
 In ``"increment"`` mode each needs factors ``(A, B)`` (``A`` is ``(out, r)``, ``B`` is ``(r, in)``) under the
 linear's module path, or, for a fused qkv linear with ``cfg.cache.qkv == "separate"``, under ``"path:q"``,
-``"path:k"`` and ``"path:v"``. A linear without factors is skipped (``"no factors for <module>"``). A linear
+``"path:k"`` and ``"path:v"``. A planned linear without factors is an :class:`~fxdit.errors.FxditError` (a file for
+another model, or calibrated with the other ``qkv`` form); narrow ``cache.blocks``/``cache.roles`` to cache only
+the layers a partial file covers. Factors for modules this graph lacks are ignored (a graph break splits a model's
+linears over several graphs, each checks its own); they cannot change any output. A linear
 whose factors have rank ``>= min(in, out)`` gains nothing from an increment (it would cost at least as much as
 the exact product): it stays exact at cached steps and is marked ``exact`` in the plan.
 
@@ -148,6 +151,20 @@ def _get(factors: Any, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     return factors.get(key)
 
 
+def _missing_factors(factors: Any, lin: Any, block: int, keys: tuple[str, ...], cfg: FxditConfig) -> str:
+    """The message for a cached linear the factors do not cover (another model, or the other qkv form)."""
+    if lin.role == "qkv":
+        other = "joint" if cfg.cache.qkv == "separate" else "separate"
+        other_keys = (lin.module,) if other == "joint" else tuple(f"{lin.module}:{p}" for p in QKV_PARTS)
+        if all(k in factors for k in other_keys):
+            return (f"cache.qkv={cfg.cache.qkv!r}, but the factors of the fused qkv linear {lin.module} were "
+                    f"calibrated with qkv={other!r}; set cache.qkv={other!r} or recalibrate")
+    missing = [k for k in keys if k not in factors]
+    return (f"cache.factors has no factors for {missing} ({lin.role} linear of block {block}); these factors "
+            "belong to another model or cover only some layers — recalibrate for this model, or restrict "
+            "cache.blocks / cache.roles to the layers they cover")
+
+
 def verify_factors(factors: Any, weights: dict[str, torch.Tensor]) -> None:
     """``factors.verify`` restricted to the modules this graph holds (a graph break splits a model's linears
     over several graphs; each checks its own)."""
@@ -264,8 +281,7 @@ def plan_cache(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
                 keys = _factor_keys(lin.module, lin.role, cfg)
                 pairs = [_get(factors, k) for k in keys]
                 if any(p is None for p in pairs):
-                    rb.skip(f"no factors for {lin.module}", lin.node)
-                    continue
+                    raise FxditError(_missing_factors(factors, lin, block.index, keys, cfg))
                 out_part = lin.out_features // len(keys)
                 ranks = []
                 for key, (a, b) in zip(keys, pairs):
@@ -306,6 +322,7 @@ def plan_cache(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
         "planned": len(entries),
         "exact": sum(e["exact"] for e in entries),
         "roles": sorted({e["role"] for e in entries}),
+        "blocks": sorted({e["block"] for e in entries if not e["exact"]}),
         "timestep_input": timestep[0] if timestep else None,
     })
     return rb.build()

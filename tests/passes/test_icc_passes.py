@@ -163,11 +163,13 @@ def test_plan_counts_skips_and_timestep(tiny):
     model, gm, _ = tiny
     work = analysed(gm)
     missing = "blocks.1.mlp.fc2"
+    with pytest.raises(FxditError, match=f"no factors for \\['{missing}'\\]"):  # a layer the file lacks
+        plan_cache(analysed(gm), cfg_for(svd_factors(model, work, rank=4, skip=(missing,)), blocks=[1]))
     factors = svd_factors(model, work, rank=4, skip=(missing,))
-    report = plan_cache(work, cfg_for(factors, blocks=[1]))
+    report = plan_cache(work, cfg_for(factors, blocks=[1], roles=["qkv", "attn_out", "mlp_in"]))
     plan = fxdit_meta(work)["cache_plan"]
     assert report.matched == 8
-    assert report.skipped == {"block not in cache.blocks": 4, f"no factors for {missing}": 1}
+    assert report.skipped == {"block not in cache.blocks": 3, "role mlp_out not in cache.roles": 2}
     assert [e["module"] for e in plan["entries"]] == ["blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1"]
     assert plan["entries"][0]["keys"] == tuple(f"blocks.1.attn.qkv:{p}" for p in "qkv")
     assert plan["timestep"] is not None and plan["timestep"][0] == "l_t_"
