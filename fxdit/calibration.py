@@ -437,7 +437,8 @@ class Factors:
             tensors[f"{key}.B"] = B.detach().contiguous().cpu()
         meta = {"format": _FORMAT, "version": _VERSION, "method": self.method, "keys": self.keys(),
                 "ranks": self.ranks, "exact": sorted(self.exact), "fingerprint": self.fingerprint,
-                "info": self.info, "meta": self.meta}
+                "info": self.info, "meta": self.meta,
+                "sha256": {name: _tensor_digest(t) for name, t in tensors.items()}}
         save_file(tensors, os.fspath(path), metadata={"format": _FORMAT, "fxdit": json.dumps(meta)})
 
     @classmethod
@@ -455,7 +456,12 @@ class Factors:
             raise FxditError(f"factor file {p!r} not found (make one with `fxdit calibrate ... --out {p}`)")
         if os.path.isdir(p):
             raise FxditError(f"factor file {p!r} is a directory; expected a .safetensors file")
-        dev = "cpu" if device is None else str(torch.device(device))
+        try:
+            dev = "cpu" if device is None else str(torch.device(device))
+        except (RuntimeError, TypeError) as exc:
+            raise FxditError(f"device={device!r}; expected a torch device such as 'cpu' or 'cuda' ({exc})") from None
+        if dev == "meta":
+            raise FxditError("device='meta'; factors need a device that holds data ('cpu' or 'cuda')")
         try:
             with safe_open(p, framework="pt", device=dev) as f:
                 header = f.metadata() or {}
@@ -477,6 +483,13 @@ class Factors:
         if meta.get("version") != _VERSION:
             raise FxditError(f"factor file {p!r}: unsupported format version {meta.get('version')!r} "
                              f"(this fxdit reads version {_VERSION})")
+        # safetensors has no checksum: a flipped byte in tensor data loads as a different factor value
+        digests = meta.get("sha256")
+        if isinstance(digests, dict):
+            bad = sorted(n for n, d in digests.items() if n in tensors and _tensor_digest(tensors[n]) != d)
+            if bad:
+                raise FxditError(f"factor file {p!r} is corrupt: tensor data of {bad[:3]} does not match the checksum "
+                                 "stored at save time; recreate it with `fxdit calibrate`")
         factors: dict[str, tuple[Tensor, Tensor]] = {}
         for key in meta["keys"]:
             if f"{key}.A" not in tensors or f"{key}.B" not in tensors:
@@ -492,6 +505,10 @@ class Factors:
             factors[key] = (A, B)
         return cls(factors, method=meta.get("method", "svd"), exact=meta.get("exact", ()),
                    fingerprint=meta.get("fingerprint"), info=meta.get("info"), meta=meta.get("meta"))
+
+
+def _tensor_digest(t: Tensor) -> str:
+    return hashlib.sha256(_bytes_of(t)).hexdigest()[:32]
 
 
 def _default_info(key: str) -> dict[str, Any]:
