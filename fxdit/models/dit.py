@@ -224,6 +224,9 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.reshape(-1).float()[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        weight = self.mlp[0].weight
+        if emb.dtype != weight.dtype:  # fp16/bf16 models: the features are computed in fp32
+            emb = emb.to(weight.dtype)
         return self.mlp(emb)
 
 
