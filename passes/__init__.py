@@ -11,8 +11,10 @@ from fxdit.passes.find_attention import find_attention
 from fxdit.passes.find_blocks import find_blocks
 from fxdit.passes.plan_cache import plan_cache
 from fxdit.passes.rewrite_grouped_attention import rewrite_grouped_attention
+from fxdit.passes.shard_tokens import shard_tokens
 
-__all__ = ["PIPELINE", "PassReport", "find_attention", "find_blocks", "rewrite_grouped_attention", "plan_cache"]
+__all__ = ["PIPELINE", "PassReport", "find_attention", "find_blocks", "rewrite_grouped_attention", "shard_tokens",
+           "plan_cache"]
 
 #: The passes the backend runs, in order, on every graph Dynamo hands it.
-PIPELINE = (find_attention, find_blocks, rewrite_grouped_attention, plan_cache)
+PIPELINE = (find_attention, find_blocks, rewrite_grouped_attention, shard_tokens, plan_cache)
