@@ -24,7 +24,9 @@ caches, and batched CFG (one call) uses stream 0 only. The position within a ste
 
 1. with ``fxdit.sampling(model, calls_per_step=n)``: call ``i`` of the run is stream ``i % n`` of step ``i // n``;
 2. else, when the timestep is a CPU tensor: a call whose timestep equals the previous call's is the next stream
-   of the same step; a lower timestep starts the next step (stream 0); a higher one starts a new run;
+   of the same step; a lower timestep starts the next step (stream 0); a higher one starts a new run. A graph
+   with several timestep-like inputs (guidance-distilled models embed the guidance scale like the timestep) is
+   read on all of them: the same step when all are equal, a new run when any rises, else the next step;
 3. else (timestep on an accelerator, or specialised into the graph as a Python number): every call is one step.
    Two-call CFG on an accelerator therefore needs ``calls_per_step=2``.
 
@@ -80,13 +82,14 @@ class CacheRuntime:
         cached: the compiled cached-step variant (inputs: graph inputs, then cache tensors).
         schedule: which steps are full.
         user_outputs: how many of the full variant's outputs are the user's.
-        timestep_index: input index of the timestep, or ``None``.
+        timestep_index: input index of the timestep, a tuple of indices when several inputs are embedded like a
+            timestep (timestep and guidance scale), or ``None``.
         guard: ``"nonfinite"`` recomputes a cached step in full when its outputs are not finite.
         cache_bytes: bytes of one stream's caches.
     """
 
     def __init__(self, full: Callable[..., Any], cached: Callable[..., Any], schedule: ScheduleConfig, *,
-                 user_outputs: int, timestep_index: int | None, guard: str = "none",
+                 user_outputs: int, timestep_index: int | tuple[int, ...] | None, guard: str = "none",
                  cache_bytes: int = 0, param_ids: frozenset[int] = frozenset()) -> None:
         self._full = full
         self._cached = cached
@@ -107,7 +110,7 @@ class CacheRuntime:
         self.step = -1
         self._stream = 0
         self._calls = 0
-        self._last_t: float | None = None
+        self._last_t: tuple[float, ...] | None = None
         self._caches: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
 
     def reset(self) -> None:
@@ -126,17 +129,20 @@ class CacheRuntime:
             self._settings_version = _settings_version
             self.calls_per_step = _calls_per_step_for(self._param_ids)
 
-    def _timestep(self, args: Sequence[Any]) -> float | None:
-        if self.timestep_index is None or self.timestep_index >= len(args):
+    def _timestep(self, args: Sequence[Any]) -> tuple[float, ...] | None:
+        index = self.timestep_index
+        if index is None:
             return None
-        t = args[self.timestep_index]
-        if isinstance(t, torch.Tensor):
-            if t.device.type != "cpu" or t.numel() == 0:
+        values = []
+        for i in (index,) if isinstance(index, int) else index:
+            t = args[i] if i < len(args) else None
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() > 0:
+                values.append(float(t.detach().max()))
+            elif isinstance(t, (int, float)) and not isinstance(t, bool):
+                values.append(float(t))
+            else:
                 return None
-            return float(t.detach().max())
-        if isinstance(t, (int, float)):
-            return float(t)
-        return None
+        return tuple(values) or None
 
     def _advance(self, args: Sequence[Any]) -> tuple[int, int]:
         """Update the step state for one call (lock held); returns ``(step, stream)``."""
@@ -151,7 +157,7 @@ class CacheRuntime:
                 step, stream = 0, 0
             elif t is not None and self._last_t is not None and t == self._last_t:
                 step, stream = self.step, self._stream + 1
-            elif t is not None and self._last_t is not None and t > self._last_t:
+            elif t is not None and self._last_t is not None and any(a > b for a, b in zip(t, self._last_t)):
                 new_run, step, stream = True, 0, 0
             else:
                 step, stream = self.step + 1, 0
@@ -337,12 +343,12 @@ def build_cached_runtime(work: fx.GraphModule, example_inputs: Sequence[Any], cf
 
     full_fn = lower(full_gm, example_inputs, cfg)
     cached_fn = lower(cached_gm, list(example_inputs) + cache_examples, cfg)
-    timestep = plan.get("timestep")
+    timesteps = plan.get("timesteps") or ((plan["timestep"],) if plan.get("timestep") else ())
     params = frozenset(id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter))
     runtime = CacheRuntime(
         full_fn, cached_fn, cfg.cache.schedule,
         user_outputs=full_report.details["user_outputs"],
-        timestep_index=timestep[1] if timestep else None,
+        timestep_index=tuple(i for _, i in timesteps) or None,
         guard=cfg.cache.guard, cache_bytes=cache_bytes, param_ids=params,
     )
     state["summary_cache_bytes"] = cache_bytes

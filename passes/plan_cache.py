@@ -23,7 +23,9 @@ index and :func:`fxdit.runtime.build_cached_runtime` checks it from the example 
 The timestep input (used by the runtime to notice a new sampling run and the two calls of classifier-free
 guidance) is the graph input with at most one dimension from which a ``sin``/``cos`` is reached within a few
 operations (the sinusoidal timestep embedding); a Python-number timestep that Dynamo specialised into the
-graph has no input and is not tracked.
+graph has no input and is not tracked. Guidance-distilled models (Flux, HunyuanVideo) embed their guidance
+scale the same way, so a graph can have several such inputs: ``plan["timesteps"]`` lists them all (the runtime
+reads them together), ``plan["timestep"]`` is the single one or ``None``.
 """
 
 from __future__ import annotations
@@ -193,6 +195,12 @@ def _placeholder_tensor(node: fx.Node) -> torch.Tensor | None:
 
 def _find_timestep(gm: fx.GraphModule) -> tuple[str, int] | None:
     """(name, input index) of the graph input that feeds the sinusoidal timestep embedding, or ``None``."""
+    found = _find_timesteps(gm)
+    return found[0] if len(found) == 1 else None
+
+
+def _find_timesteps(gm: fx.GraphModule) -> list[tuple[str, int]]:
+    """(name, input index) of every graph input that feeds a sinusoidal embedding (timestep, guidance scale)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     found = []
     for index, ph in enumerate(placeholders):
@@ -217,9 +225,7 @@ def _find_timestep(gm: fx.GraphModule) -> tuple[str, int] | None:
                     queue.append((user, depth + 1))
         if hit:
             found.append((ph.name, index))
-    if len(found) != 1:
-        return None
-    return found[0]
+    return found
 
 
 def plan_cache(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
@@ -307,7 +313,8 @@ def plan_cache(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
         if len(weights) == len({e["module"] for e in entries}):
             verify_factors(factors, weights)
             verified = True
-    timestep = _find_timestep(gm)
+    timesteps = _find_timesteps(gm)
+    timestep = timesteps[0] if len(timesteps) == 1 else None
     plan = {
         "mode": cc.mode,
         "form": DEFAULT_FORM,
@@ -315,6 +322,7 @@ def plan_cache(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
         "weight_index": weight_index,
         "verified": verified,
         "timestep": timestep,
+        "timesteps": tuple(timesteps),
     }
     state["cache_plan"] = plan if entries else None
     state["cache_factors"] = SharedRef(factors)
@@ -324,5 +332,6 @@ def plan_cache(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
         "roles": sorted({e["role"] for e in entries}),
         "blocks": sorted({e["block"] for e in entries if not e["exact"]}),
         "timestep_input": timestep[0] if timestep else None,
+        "timestep_inputs": [name for name, _ in timesteps],
     })
     return rb.build()
