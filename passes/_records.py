@@ -90,6 +90,9 @@ class LinearInfo:
         weight, bias: names of the nodes holding the weight and bias (``bias`` may be ``None``).
         tokens: tokens per sample in the input (product of the non-batch, non-channel dims), 1 for vectors.
         stream: ``"image"`` or ``"text"`` for dual-stream blocks (SD3/Flux context projections), else ``"joint"``.
+        adapters: names of the low-rank adapter linears (unfused LoRA ``lora_A``/``lora_B`` pairs) whose scaled
+            product is added to this linear's output; the linear's role is that of the sum.
+        adapter_of: for an adapter linear, the name of the linear it adapts (its role is then ``"other"``).
     """
 
     node: str
@@ -102,6 +105,8 @@ class LinearInfo:
     bias: str | None
     tokens: int
     stream: str = "joint"
+    adapters: tuple[str, ...] = ()
+    adapter_of: str | None = None
 
 
 @dataclass

@@ -16,6 +16,13 @@ missing).
   an activation; ``mlp_out``: input reached backwards from an activation of an ``mlp_in``; a projection that
   reads both an attention output and an MLP activation (single-stream blocks' fused ``proj_out``) and
   everything else: ``other``. Module names are never consulted.
+* Low-rank adapters (unfused PEFT LoRA: ``base(x) + lora_B(lora_A(dropout(x))) · scale``, matched by
+  :func:`find_adapters` from the dataflow alone, the table :data:`ADAPTER_SCALE_KINDS`): the roles are computed on a
+  copy of the graph where each adapter's sum is replaced by the base linear's output, so the base linear gets the
+  role of the sum (``q``, ``mlp_in``...) and the adapter pair gets ``"other"`` (never cached). At an ICC cached step
+  the base linear's output is the increment form and the adapter product still runs exactly on the current input,
+  i.e. the increment applies to the effective weight ``W + scale·B·A`` with ``W``'s factors extended by the adapter's
+  own (exact) low-rank pair.
 * Streams: in a block whose linears read both image-only and text-only tokens (dual-stream blocks, image→text
   cross-attention), each linear gets ``"image"``, ``"text"`` or ``"joint"`` from the token layout of its
   input; in single-stream blocks every linear is ``"joint"``.
@@ -30,10 +37,12 @@ Results: ``fxdit_meta(gm)["blocks"]`` (list of :class:`BlockInfo`), ``fxdit_meta
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
 from fxdit.passes._base import PassReport, ReportBuilder
 from fxdit.passes._dataflow import (
@@ -46,10 +55,10 @@ from fxdit.passes._dataflow import (
     trace_back,
     trace_forward,
 )
-from fxdit.passes._fx_utils import fxdit_meta, module_path, node_meta
+from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, module_path, node_meta
 from fxdit.passes._records import AttentionSite, BlockInfo, LinearInfo, TokenGrid
 
-__all__ = ["find_blocks", "analyse_blocks", "ROLE_RULES"]
+__all__ = ["find_blocks", "analyse_blocks", "find_adapters", "Adapter", "ROLE_RULES"]
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +213,158 @@ def _stream(node: fx.Node, streams: Streams) -> str:
     return "joint"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Low-rank adapters (unfused LoRA)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Kinds allowed between an adapter's input and the base linear's input (PEFT's ``lora_dropout``, dtype casts).
+ADAPTER_INPUT_THROUGH = frozenset({"dropout", "cast"})
+#: Call targets that scale the adapter's output by a Python number (PEFT's ``* scaling``), and the add joining it
+#: to the base output.
+ADAPTER_SCALE_KINDS = {operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.truediv: "div",
+                       torch.div: "div", "div": "div"}
+ADAPTER_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One unfused low-rank adapter ``out = base(x) + up(down(x')) · scale`` (``x'``: ``x`` after dropout/casts).
+
+    Attributes:
+        base, down, up: names of the base linear, the down projection (``lora_A``) and the up projection
+            (``lora_B``).
+        add: name of the add node whose value is the adapted output.
+        rest: name of the add's other operand (the base output, or the sum of an earlier adapter of ``base``).
+        rank: the adapter's rank (``down``'s output width).
+    """
+
+    base: str
+    down: str
+    up: str
+    add: str
+    rest: str
+    rank: int
+
+
+def _strip(node: Any, through: frozenset[str]) -> Any:
+    while isinstance(node, fx.Node) and kind(node) in through and node.args:
+        node = node.args[0]
+    return node
+
+
+def _weight_shape(lin: fx.Node) -> tuple[int, ...] | None:
+    s = shape_of(_linear_weight(lin))
+    return tuple(s) if s is not None and len(s) == 2 else None
+
+
+def _scaled_sum(up: fx.Node) -> tuple[fx.Node, Any] | None:
+    """From the up projection forward through ``* number`` / casts to the add: ``(add, other operand)``."""
+    cur = up
+    for _ in range(4):
+        if len(cur.users) != 1:
+            return None
+        user = next(iter(cur.users))
+        if user.target in ADAPTER_ADD and len(user.args) == 2:
+            other = user.args[1] if user.args[0] is cur else user.args[0]
+            return user, other
+        if kind(user) == "cast" or (user.target in ADAPTER_SCALE_KINDS and len(user.args) == 2 and user.args[0] is cur
+                                    and isinstance(user.args[1], (int, float)) and not isinstance(user.args[1], bool)):
+            cur = user
+            continue
+        return None
+    return None
+
+
+def find_adapters(gm: fx.GraphModule) -> list[Adapter]:
+    """The unfused low-rank adapters of ``gm``, matched from the dataflow (see the module docstring).
+
+    An ``up(down(x'))`` pair qualifies when ``down``'s width ``r`` is below both the input and the output width,
+    its scaled output is added to a linear whose weight has the shape ``(up.out, down.in)`` and whose input is
+    ``x'`` before dropout/casts. Several adapters on one linear chain their adds (PEFT adds them one by one).
+    """
+    found: list[Adapter] = []
+    for up in gm.graph.nodes:
+        if kind(up) != "linear":
+            continue
+        down = _strip(_linear_input(up), ADAPTER_INPUT_THROUGH)
+        if not isinstance(down, fx.Node) or kind(down) != "linear":
+            continue
+        ws_up, ws_down = _weight_shape(up), _weight_shape(down)
+        if ws_up is None or ws_down is None or ws_up[1] != ws_down[0]:
+            continue
+        rank, d_in, d_out = ws_down[0], ws_down[1], ws_up[0]
+        if not rank < min(d_in, d_out):
+            continue
+        joined = _scaled_sum(up)
+        if joined is None:
+            continue
+        add, other = joined
+        base = other
+        while isinstance(base, fx.Node) and (base.target in ADAPTER_ADD or kind(base) == "cast") and base.args:
+            base = base.args[0]  # earlier adapters of the same linear: result = result + ...
+        if not isinstance(base, fx.Node) or kind(base) != "linear" or _weight_shape(base) != (d_out, d_in):
+            continue
+        x_base = _strip(_linear_input(base), ADAPTER_INPUT_THROUGH)
+        x_down = _strip(_linear_input(down), ADAPTER_INPUT_THROUGH)
+        if x_base is not x_down:
+            continue
+        if not isinstance(other, fx.Node):
+            continue
+        found.append(Adapter(base.name, down.name, up.name, add.name, other.name, rank))
+    return found
+
+
+def _without_adapters(gm: fx.GraphModule, adapters: list[Adapter]) -> fx.GraphModule:
+    """A copy of ``gm`` where each adapted output is the base linear's output (the adapter pairs dangle)."""
+    view = fresh_copy(gm)
+    nodes = {n.name: n for n in view.graph.nodes}
+    rest = {a.add: a.rest for a in adapters}
+    for a in adapters:
+        target = a.rest
+        while target in rest:  # an earlier adapter's sum of the same base: down to the base output
+            target = rest[target]
+        nodes[a.add].replace_all_uses_with(nodes[target])
+    return view
+
+
 def analyse_blocks(gm: fx.GraphModule, cfg: Any,
                    rb: ReportBuilder | None = None) -> tuple[list[BlockInfo], TokenGrid | None]:
-    """Blocks with their linears, and the token grid; fills ``AttentionSite.block``. Does not store anything."""
+    """Blocks with their linears, and the token grid; fills ``AttentionSite.block``. Does not store anything.
+
+    With unfused low-rank adapters in the graph the roles come from a copy without them (module docstring).
+    """
+    adapters = find_adapters(gm)
+    if not adapters:
+        return _analyse_blocks(gm, cfg, rb)
+    state = fxdit_meta(gm)
+    if "attention_sites" not in state:
+        from fxdit.passes.find_attention import find_attention
+
+        find_attention(gm, cfg)
+    view = _without_adapters(gm, adapters)
+    blocks, grid = _analyse_blocks(view, cfg, rb)
+    where = {s.node: s.block for s in (fxdit_meta(view).get("attention_sites") or [])}
+    for site in state.get("attention_sites") or []:
+        if site.node in where:
+            site.block = where[site.node]
+    by_base: dict[str, list[Adapter]] = {}
+    for a in adapters:
+        by_base.setdefault(a.base, []).append(a)
+    owner = {n: a.base for a in adapters for n in (a.down, a.up)}
+    for b in blocks:
+        for info in b.linears:
+            if info.node in owner:
+                info.role = "other"
+                info.adapter_of = owner[info.node]
+            elif info.node in by_base:
+                info.adapters = tuple(n for a in by_base[info.node] for n in (a.down, a.up))
+    if rb is not None:
+        rb.details["adapters"] = len(adapters)
+    return blocks, grid
+
+
+def _analyse_blocks(gm: fx.GraphModule, cfg: Any,
+                    rb: ReportBuilder | None = None) -> tuple[list[BlockInfo], TokenGrid | None]:
     state = fxdit_meta(gm)
     if "attention_sites" not in state:
         from fxdit.passes.find_attention import find_attention
