@@ -204,7 +204,12 @@ def lowrank_increment(x: Tensor, x_cached: Tensor, y_cached: Tensor, B: Tensor, 
         from fxdit.kernels.lowrank_increment import lowrank_increment as _triton
 
         return _triton(x, x_cached, y_cached, B, A)
-    return _lowrank_increment_ref(x, x_cached, y_cached, B, A)
+    return _lowrank_increment_ref(x, x_cached, y_cached, B, A, compute_dtype=_accumulate_dtype(y_cached.dtype))
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 (increments are accumulated in fp32, as the Triton kernel does), fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @lowrank_increment.register_fake
@@ -222,10 +227,13 @@ def _lowrank_increment_decomp(x: Tensor, x_cached: Tensor, y_cached: Tensor, B: 
     # i.e. equal within noise at this width. Projcache needs a different cache (Z_c instead of X_c, filled at full
     # steps), so it is the cache pass's choice, not this op's; for the op's (x, x_cached, ...) signature the
     # difference-first form is the fastest.
+    # fp16/bf16: the difference, both GEMMs and the add are computed in fp32, one rounding at the end (as the Triton
+    # kernel; the caches themselves stay in the model's dtype). For fp32 the casts are no-ops.
     k, n = x.shape[-1], A.shape[0]
-    z = torch.mm((x - x_cached).reshape(-1, k), B.t())
-    y = torch.addmm(y_cached.reshape(-1, n), z, A.t())
-    return y.reshape(y_cached.shape)
+    acc = _accumulate_dtype(y_cached.dtype)
+    z = torch.mm((x.to(acc) - x_cached.to(acc)).reshape(-1, k), B.to(acc).t())
+    y = torch.addmm(y_cached.to(acc).reshape(-1, n), z, A.to(acc).t())
+    return y.reshape(y_cached.shape).to(y_cached.dtype)
 
 
 def _has_cpu_call(gm: fx.GraphModule, op: Any) -> bool:

@@ -34,6 +34,18 @@ __all__ = ["insert_lowrank_increments"]
 log = logging.getLogger(__name__)
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _fp32(gm: fx.GraphModule, entry: dict, part: str, t: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of factor ``part`` of ``entry``, shared by every graph copy (like :func:`entry_factors`)."""
+    holder = fxdit_meta(gm)["cache_factors"]
+    key = ("fp32", entry["module"], part)
+    if key not in holder.converted:
+        holder.converted[key] = t.float().contiguous()
+    return holder.converted[key]
+
+
 def _linear_input(node: fx.Node) -> fx.Node:
     return node.args[0] if node.args else node.kwargs["input"]
 
@@ -106,13 +118,22 @@ def insert_lowrank_increments(gm: fx.GraphModule, cfg: FxditConfig) -> PassRepor
             continue
         bs, as_ = entry_factors(gm, entry)
         b_cat = bs[0] if len(bs) == 1 else torch.cat(bs, dim=0).contiguous()
+        fused = plan["form"] == "x" and len(as_) == 1
+        # fp16/bf16 models: caches stay in the model's dtype, the increment is accumulated in fp32 (the fused op
+        # does so itself; the GEMM chain below gets fp32 factors and fp32 operands, and one cast back at the end).
+        low = b_cat.dtype in _LOW_PRECISION and not fused
+        if low:
+            b_cat, as_ = _fp32(gm, entry, "B", b_cat), [_fp32(gm, entry, f"A{j}", a) for j, a in enumerate(as_)]
         tag = entry["module"]
         b_node = lift_constant(gm, f"icc_B_{tag}", b_cat)
         a_nodes = [lift_constant(gm, f"icc_A{j}_{tag}", a) for j, a in enumerate(as_)]
         x = _linear_input(node)
         created: list[fx.Node] = []
         with graph.inserting_before(node):
-            if plan["form"] == "x" and len(a_nodes) == 1:
+            if low:
+                x = graph.call_method("float", (x,))
+                created.append(x)
+            if fused:
                 # One factor pair on the input increment: fxdit's op (fused Triton kernel on CUDA; on CPU
                 # inductor compiles its decomposition ``addmm(Y_c, (X − X_c)·Bᵀ, Aᵀ)``).
                 from fxdit.kernels import ops as _ops  # noqa: F401  (registers fxdit::lowrank_increment)
@@ -121,11 +142,16 @@ def insert_lowrank_increments(gm: fx.GraphModule, cfg: FxditConfig) -> PassRepor
                                         (x, inputs[(index, "x")], y_c, b_node, a_nodes[0]))
                 created.append(y)
             else:
+                x_c, z_c = inputs.get((index, "x")), inputs.get((index, "z"))
+                if low:
+                    x_c = x_c if x_c is None else graph.call_method("float", (x_c,))
+                    z_c = z_c if z_c is None else graph.call_method("float", (z_c,))
+                    created += [n for n in (x_c, z_c) if n is not None]
                 if plan["form"] == "projcache":
                     z = graph.call_function(torch._C._nn.linear, (x, b_node))
-                    dz = graph.call_function(operator.sub, (z, inputs[(index, "z")]))
+                    dz = graph.call_function(operator.sub, (z, z_c))
                 else:
-                    dx = graph.call_function(operator.sub, (x, inputs[(index, "x")]))
+                    dx = graph.call_function(operator.sub, (x, x_c))
                     z = graph.call_function(torch._C._nn.linear, (dx, b_node))
                     dz = z
                     created.append(dx)
@@ -143,8 +169,13 @@ def insert_lowrank_increments(gm: fx.GraphModule, cfg: FxditConfig) -> PassRepor
                         start += rank
                     inc = graph.call_function(torch.cat, (parts,), {"dim": -1})
                     created.append(inc)
-                y = graph.call_function(operator.add, (y_c, inc))
-                created.append(y)
+                if low:
+                    y32 = graph.call_function(operator.add, (graph.call_method("float", (y_c,)), inc))
+                    y = graph.call_method("to", (y32, fake_value(node).dtype))
+                    created += [y32.args[0], y32, y]
+                else:
+                    y = graph.call_function(operator.add, (y_c, inc))
+                    created.append(y)
         for n in created:
             node_meta(n)["icc"] = "increment"
         y.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "nn_module_stack",
