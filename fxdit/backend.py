@@ -120,6 +120,30 @@ def _needs_grad(example_inputs: Sequence[Any]) -> bool:
     )
 
 
+#: The skip reason of the rewriting passes left out of a graph that needs gradients.
+GRAD_LEFT_OUT = "graph needs gradients: inference-only rewrite left out"
+
+
+def _passes_under_grad(cfg: FxditConfig) -> tuple[tuple[Callable[..., PassReport], ...], tuple[str, ...]]:
+    """The passes for a graph that needs gradients (analysis only) and the names of those left out.
+
+    Raises:
+        FxditError: ``attention.allow_grad=True`` with grouped attention on: GRAT's op has no backward, so the
+            opt-in is refused rather than silently ignored.
+    """
+    if cfg.attention.enabled and cfg.attention.allow_grad:
+        raise FxditError(
+            f"attention.allow_grad=True with attention.mode={cfg.attention.mode!r}; expected allow_grad=False: "
+            "grouped attention has no backward, so a graph that needs gradients (training, or requires_grad "
+            "outside torch.no_grad()) cannot use it. Leave allow_grad off (such graphs then stay dense, as plain "
+            "inductor compiles them, with one warning) or run under torch.no_grad()/torch.inference_mode()")
+    _warn_once("grad", "fxdit: this graph needs gradients (training or requires_grad outside no_grad); "
+                       "lossy rewrites (grouped attention, caching) are inference-only and are left out. "
+                       "Run sampling under torch.no_grad()/torch.inference_mode() to enable them.")
+    kept = tuple(p for p in PIPELINE if p.__name__ in ANALYSIS_PASSES)
+    return kept, tuple(p.__name__ for p in PIPELINE if p not in kept)
+
+
 def run_pipeline(gm: fx.GraphModule, cfg: FxditConfig, *, passes: Sequence[Callable[..., PassReport]] = PIPELINE,
                  dump: Any | None = None) -> tuple[fx.GraphModule, list[PassReport]]:
     """Run ``passes`` in order on ``gm`` (which it may mutate) and return the resulting module and reports.
@@ -229,37 +253,82 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditC
         dump.input(gm, example_inputs)
 
     passes: Sequence[Callable[..., PassReport]] = PIPELINE
+    left_out: tuple[str, ...] = ()
     if _needs_grad(example_inputs) and not cfg.lossless:
-        _warn_once("grad", "fxdit: this graph needs gradients (training or requires_grad outside no_grad); "
-                           "lossy rewrites (grouped attention, caching) are inference-only and are left out. "
-                           "Run sampling under torch.no_grad()/torch.inference_mode() to enable them.")
-        passes = tuple(p for p in PIPELINE if p.__name__ in ANALYSIS_PASSES)
+        passes, left_out = _passes_under_grad(cfg)
 
+    lossy = not cfg.lossless and any(p.__name__ not in ANALYSIS_PASSES for p in passes)
+    pinned = _pin_symbolic_sizes(gm) if lossy else 0
     work = fresh_copy(gm)
     from fxdit.passes._dataflow import record_position_ids
 
     record_position_ids(work, example_inputs)  # packed-latent models (Flux) show their token grid only in ids
     work, reports = run_pipeline(work, cfg, passes=passes, dump=dump)
+    reports.extend(PassReport(name, skipped={GRAD_LEFT_OUT: 1}) for name in left_out)
 
     runtime = None
     from fxdit.passes._fx_utils import fxdit_meta
 
     state = fxdit_meta(work)
+    compiled = None
     if state.get("cache_plan") is not None:
-        from fxdit.runtime import build_cached_runtime
+        from fxdit.runtime import VariantPassError, build_cached_runtime
 
-        compiled, runtime, extra_reports = build_cached_runtime(work, example_inputs, cfg, lower=lower, dump=dump)
-        reports.extend(extra_reports)
-    else:
+        try:
+            compiled, runtime, extra_reports = build_cached_runtime(work, example_inputs, cfg, lower=lower,
+                                                                    dump=dump)
+            reports.extend(extra_reports)
+        except VariantPassError as exc:
+            if cfg.on_pass_error != "fallback":
+                raise
+            # the same policy as run_pipeline: the graph as it was before the failing pass (no caching) goes on
+            message = (f"fxdit: pass {exc.pass_name!r} failed ({type(exc.error).__name__}: {exc.error}); this graph "
+                       "continues without caching")
+            warnings.warn(message, stacklevel=2)
+            log.warning("%s", message)
+            reports.append(PassReport(exc.pass_name, skipped={f"pass failed: {type(exc.error).__name__}": 1},
+                                      details={"error": f"{type(exc.error).__name__}: {exc.error}"}))
+            runtime = None
+    if compiled is None:
         compiled = lower(work, example_inputs, cfg)
 
     summary = _summary(work)
+    if pinned:
+        summary["pinned_symbolic_sizes"] = pinned
     record = registry.CompiledGraph(graph_id=graph_id, config=cfg, reports=tuple(reports), summary=summary,
                                     dump_dir=dump.path if dump is not None else None)
     registry.register(record, example_inputs, runtime)
     if dump is not None:
         dump.finish(work, reports, example_inputs)
     return compiled
+
+
+def _pin_symbolic_sizes(gm: fx.GraphModule) -> int:
+    """Specialise every symbolic size of the graph's inputs to its traced value; returns how many were symbolic.
+
+    Lossy rewrites are built for the traced shapes (grouped-attention permutations and block masks, cache
+    tensors), so a graph traced with symbolic sizes (``dynamic=True``, or Dynamo's automatic dynamic shapes on the
+    second shape it sees) must not run at other sizes. ``int()`` of a ``SymInt`` records a guard in Dynamo's shape
+    environment: the graph is compiled static, and a call at another shape is one recompile (with its own masks and
+    caches) instead of a wrong result.
+    """
+    pinned = 0
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("example_value", node.meta.get("val"))
+        sizes = []
+        if isinstance(val, torch.SymInt):
+            sizes = [val]
+        elif isinstance(val, torch.Tensor):
+            sizes = [s for s in (*val.shape, *val.stride(), val.storage_offset()) if isinstance(s, torch.SymInt)]
+        for s in sizes:
+            int(s)
+            pinned += 1
+    if pinned:
+        log.info("fxdit: pinned %d symbolic input sizes to their traced values (lossy rewrites are per shape)",
+                 pinned)
+    return pinned
 
 
 def _summary(gm: fx.GraphModule) -> dict[str, Any]:

@@ -227,7 +227,7 @@ _active: list[tuple[weakref.ref, int | None]] = []
 def _param_ids_of(model: Any) -> set[int]:
     mod = getattr(model, "_orig_mod", model)
     if not isinstance(mod, torch.nn.Module):
-        raise TypeError(f"expected an nn.Module or a torch.compile'd module, got {type(model).__name__}")
+        raise FxditError(f"model={type(model).__name__}; expected an nn.Module or a torch.compile'd module")
     return {id(p) for p in mod.parameters()}
 
 
@@ -295,6 +295,28 @@ def sampling(model: Any, *, calls_per_step: int | None = None) -> Iterator[None]
 
 
 # -- building -------------------------------------------------------------------------------------------------
+class VariantPassError(RuntimeError):
+    """An internal error in one of the passes that build ICC's two graph variants (``pass_name`` says which).
+
+    The backend treats it like a failing pipeline pass: with ``on_pass_error="fallback"`` the graph is compiled
+    without caching (one warning); with ``"raise"`` it surfaces.
+    """
+
+    def __init__(self, pass_name: str, exc: BaseException) -> None:
+        super().__init__(f"fxdit: error in pass {pass_name!r}: {type(exc).__name__}: {exc}")
+        self.pass_name = pass_name
+        self.error = exc
+
+
+def _variant_pass(p: Callable[..., Any], gm: fx.GraphModule, cfg: FxditConfig) -> Any:
+    try:
+        return p(gm, cfg)
+    except FxditError:
+        raise
+    except Exception as exc:
+        raise VariantPassError(p.__name__, exc) from exc
+
+
 def build_cached_runtime(work: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditConfig, *,
                          lower: Callable[[fx.GraphModule, Sequence[Any], FxditConfig], Callable[..., Any]],
                          dump: Any | None = None) -> tuple[Callable[..., Any], CacheRuntime, list[Any]]:
@@ -327,9 +349,9 @@ def build_cached_runtime(work: fx.GraphModule, example_inputs: Sequence[Any], cf
         plan["verified"] = True
 
     full_gm = fresh_copy(work)
-    full_report = record_linear_caches(full_gm, cfg)
+    full_report = _variant_pass(record_linear_caches, full_gm, cfg)
     cached_gm = fresh_copy(work)
-    cached_report = insert_lowrank_increments(cached_gm, cfg)
+    cached_report = _variant_pass(insert_lowrank_increments, cached_gm, cfg)
     if dump is not None:
         dump.variant("icc_full", full_gm, full_report)
         dump.variant("icc_cached", cached_gm, cached_report)
