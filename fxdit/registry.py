@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fxdit.config import FxditConfig
+from fxdit.errors import FxditError
 from fxdit.passes._base import PassReport
 
 __all__ = ["CompiledGraph", "register", "records_for", "all_records", "next_graph_id", "clear"]
@@ -95,7 +96,7 @@ def records_for(model: Any) -> list[CompiledGraph]:
     """The compiled graphs of ``model`` (a module or the ``torch.compile`` wrapper of one), oldest first."""
     mod = _unwrap(model)
     if not isinstance(mod, torch.nn.Module):
-        raise TypeError(f"expected an nn.Module or a torch.compile'd module, got {type(model).__name__}")
+        raise FxditError(f"model={type(model).__name__}; expected an nn.Module or a torch.compile'd module")
     ids = {id(p) for p in mod.parameters()}
     with _lock:
         return [r for r in _records if r.belongs_to(ids)]
