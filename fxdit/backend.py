@@ -259,8 +259,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditC
 
     lossy = not cfg.lossless and any(p.__name__ not in ANALYSIS_PASSES for p in passes)
     pinned = _pin_symbolic_sizes(gm) if lossy else 0
-    lossy = not cfg.lossless and any(p.__name__ not in ANALYSIS_PASSES for p in passes)
-    pinned = _pin_symbolic_sizes(gm) if lossy else 0
     work = fresh_copy(gm)
     from fxdit.passes._dataflow import record_position_ids
 
@@ -297,42 +295,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditC
     summary = _summary(work)
     if pinned:
         summary["pinned_symbolic_sizes"] = pinned
-    if pinned:
-        summary["pinned_symbolic_sizes"] = pinned
     record = registry.CompiledGraph(graph_id=graph_id, config=cfg, reports=tuple(reports), summary=summary,
                                     dump_dir=dump.path if dump is not None else None)
     registry.register(record, example_inputs, runtime)
     if dump is not None:
         dump.finish(work, reports, example_inputs)
     return compiled
-
-
-def _pin_symbolic_sizes(gm: fx.GraphModule) -> int:
-    """Specialise every symbolic size of the graph's inputs to its traced value; returns how many were symbolic.
-
-    Lossy rewrites are built for the traced shapes (grouped-attention permutations and block masks, cache
-    tensors), so a graph traced with symbolic sizes (``dynamic=True``, or Dynamo's automatic dynamic shapes on the
-    second shape it sees) must not run at other sizes. ``int()`` of a ``SymInt`` records a guard in Dynamo's shape
-    environment: the graph is compiled static, and a call at another shape is one recompile (with its own masks and
-    caches) instead of a wrong result.
-    """
-    pinned = 0
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        val = node.meta.get("example_value", node.meta.get("val"))
-        sizes = []
-        if isinstance(val, torch.SymInt):
-            sizes = [val]
-        elif isinstance(val, torch.Tensor):
-            sizes = [s for s in (*val.shape, *val.stride(), val.storage_offset()) if isinstance(s, torch.SymInt)]
-        for s in sizes:
-            int(s)
-            pinned += 1
-    if pinned:
-        log.info("fxdit: pinned %d symbolic input sizes to their traced values (lossy rewrites are per shape)",
-                 pinned)
-    return pinned
 
 
 def _pin_symbolic_sizes(gm: fx.GraphModule) -> int:
