@@ -355,6 +355,22 @@ def test_new_resolution_and_batch_cost_one_recompile_each(folders, analyses, no_
     torch.testing.assert_close(_run(pipe, name, steps=4, **shapes[1]), outs[1], rtol=0, atol=0)
 
 
+def test_lossless_dynamic_true_is_exact_and_not_pinned(folders, no_inductor):
+    """Without lossy options fxdit pins nothing: ``dynamic=True`` graphs stay as Dynamo traced them (Dynamo itself
+    may still specialise, e.g. Flux's duck-sized ids), each new shape costs at most one recompile, and the output
+    equals eager."""
+    name = "flux"
+    pipe = P.load(folders(name))
+    shapes = [{}, {"resized": True}, {"batch": 2}]
+    refs = [_run(pipe, name, steps=2, **shape) for shape in shapes]
+    model = pipe.transformer
+    pipe.transformer = torch.compile(model, backend="fxdit", options={"on_pass_error": "raise"}, dynamic=True)
+    for i, (shape, ref) in enumerate(zip(shapes, refs)):
+        torch.testing.assert_close(_run(pipe, name, steps=2, **shape), ref, rtol=0, atol=0)
+        assert len(fxdit.reports(model)) <= i + 1
+    assert not any("pinned_symbolic_sizes" in r.summary for r in fxdit.reports(model))
+
+
 def test_fifty_steps_no_recompile_no_graph_break(folders, analyses, no_inductor):
     name = "diffusers-dit"
     pipe = P.load(folders(name))
