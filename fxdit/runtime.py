@@ -208,7 +208,9 @@ class CacheRuntime:
                 return out
         out = self._full(*args)
         n = self.user_outputs
-        user, recorded = out[:n], list(out[n:])
+        # The cached variant was compiled for contiguous cache inputs (inductor asserts input strides); a
+        # recorded linear input can be a view of a wider buffer (SD3's text stream sliced off the joint sequence).
+        user, recorded = out[:n], [t.contiguous() if isinstance(t, torch.Tensor) else t for t in out[n:]]
         with self._lock:
             self.stats.full_calls += 1
             self._caches[stream] = (signature, recorded)

@@ -313,6 +313,30 @@ def test_runtime_reads_every_timestep_like_input():
     assert log[-1] == "full" and rt.step == 0
 
 
+def test_runtime_hands_the_cached_variant_contiguous_caches():
+    """Unit: a recorded linear input that is a view of a wider buffer (SD3's text stream sliced off the joint
+    sequence) reaches the cached variant contiguous, as inductor compiled it (it asserts input strides)."""
+    from fxdit.config import ScheduleConfig
+    from fxdit.runtime import CacheRuntime
+
+    seen = []
+
+    def full(x, t):
+        joint = torch.cat([x, x + 1], dim=1)  # (B, 2N, C): the view below has row stride 2N*C
+        return [x + 1, joint[:, x.shape[1]:]]
+
+    def cached(x, t, c):
+        seen.append(c.is_contiguous())
+        return [c + 1]
+
+    rt = CacheRuntime(full, cached, ScheduleConfig(period=2), user_outputs=1, timestep_index=1)
+    x = torch.zeros(2, 3, 4)
+    rt(x, torch.tensor([1.0]))
+    out = rt(x, torch.tensor([0.5]))
+    assert seen == [True]
+    torch.testing.assert_close(out[0], x + 2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shapes
 # ---------------------------------------------------------------------------------------------------------------
