@@ -128,8 +128,9 @@ class AttentionConfig(_Options):
         grid: the token grid ``(H, W)`` or ``(T, H, W)``; ``None`` infers it from the graph.
         block_size: BlockMask block size in tokens; ``None`` picks the largest of 128/64/32/16 that divides
             the group's token count (a block that does not divide the group makes partial blocks).
-        allow_grad: rewrite even when the graph needs gradients (the op then differentiates through a dense
-            fallback in the backward pass).
+        allow_grad: opt in to grouped attention in graphs that need gradients. Refused for now: the op has
+            no backward, so such a graph raises ``FxditError`` with ``allow_grad=True`` (with the default
+            ``False`` it stays dense, as plain inductor compiles it, with one warning).
     """
 
     _prefix: ClassVar[str] = "attention."
