@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,8 +44,12 @@ def _launch(tmp_path: Path, world: int, cases: list[str], *extra: str) -> tuple[
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
+    # One inductor cache per rank: ranks compiling the same kernel at once into one cache load each other's
+    # half-written .so ("file too short").
+    cache = Path(tempfile.gettempdir()) / "fxdit_parallel_inductor"
     procs = [subprocess.Popen([sys.executable, str(HERE / "parallel_worker.py"), str(r), str(world), str(port),
-                               str(tmp_path), ",".join(cases), *extra], env=env,
+                               str(tmp_path), ",".join(cases), *extra],
+                              env={**env, "TORCHINDUCTOR_CACHE_DIR": str(cache / f"rank{r}")},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for r in range(world)]
     codes = []
