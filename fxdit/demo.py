@@ -125,7 +125,7 @@ class CompareSettings:
     steps: int = 50
     classes: tuple[int, ...] = tuple(range(10))
     per_class: int = 1
-    guidance_scale: float = 3.0
+    guidance_scale: float = sampling.DEFAULT_GUIDANCE
     seed: int = 0
     rank: int = 64
     gates: Gates = DEFAULT_GATES

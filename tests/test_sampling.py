@@ -52,6 +52,30 @@ def test_shipped_weights_are_small_fp16_safetensors():
     assert info["steps"] > 0 and info["seed"] == 0
 
 
+def test_shipped_model_records_a_quality_check_at_the_default_guidance_meeting_the_bar():
+    """The quality check ``tools/train_demo_model.py`` ran on these weights (100 samples, DDIM 50 steps) is kept in
+    ``training_info.json``; the default guidance scale must be one that was checked and met the 90 % bar."""
+    info = json.loads((DEMO_DIR / "training_info.json").read_text())
+    check = info["evals"][f"cfg{sampling.DEFAULT_GUIDANCE:g}_steps50"]
+    assert check["samples"] >= 100 and check["guidance_scale"] == sampling.DEFAULT_GUIDANCE
+    assert check["class_accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+def test_shipped_model_samples_are_recognised_as_their_class():
+    """Sample one digit of each class twice (DDIM 25 steps, default CFG) and classify them for real."""
+    from fxdit.quality import load_classifier
+
+    loaded = sampling.load_dit("demo-dit")
+    labels = sampling.class_labels(range(10), per_class=2)
+    noise = sampling.initial_noise(len(labels), (1, 32, 32), seed=0)
+    with torch.no_grad():
+        images = sampling.ddim_sample(sampling.Denoiser.for_model(loaded.transformer), labels, noise,
+                                      loaded.scheduler, steps=25, progress=False)
+        predicted = load_classifier()(images).argmax(1)
+    assert (predicted == labels).float().mean().item() >= 0.8
+
+
 def test_load_dit_gives_fp32_eval_model_and_ddim_scheduler():
     loaded = sampling.load_dit("demo-dit")
     assert not loaded.transformer.training

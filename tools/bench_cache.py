@@ -197,13 +197,13 @@ def part_b(steps: int, repeats: int, out: dict[str, Any]) -> None:
 def part_c(steps: int, n: int, ranks: list[int], out: dict[str, Any]) -> None:
     import fxdit
     from fxdit.quality import psnr
-    from fxdit.sampler import Denoiser, class_labels, ddim_sample, initial_noise, load_dit
+    from fxdit.sampler import DEFAULT_GUIDANCE, Denoiser, class_labels, ddim_sample, initial_noise, load_dit
 
     loaded = load_dit("demo-dit")
     model, sched = loaded.transformer, loaded.scheduler
     labels = class_labels(range(10), max(1, n // 10))[:n]
     noise = initial_noise(labels.shape[0], (1, 32, 32), seed=0)
-    scale = 2.0
+    scale = DEFAULT_GUIDANCE
 
     def sample(fn, k=steps):
         return ddim_sample(Denoiser.for_model(model, fn), labels, noise, sched, steps=k, guidance_scale=scale,

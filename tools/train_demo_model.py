@@ -145,6 +145,18 @@ def evaluate(folder: Path, per_class: int, steps: int, guidance: float) -> dict:
                 guidance_scale=guidance, noise_seed=1234, seconds=round(time.monotonic() - t0, 1))
 
 
+def record_eval(out: Path, result: dict) -> None:
+    """Keep a quality check in ``training_info.json`` under ``evals`` (one entry per guidance scale and step count,
+    the latest run replacing an earlier one with the same settings)."""
+    path = out / "training_info.json"
+    if not path.is_file():
+        return
+    info = json.loads(path.read_text())
+    key = f"cfg{result['guidance_scale']:g}_steps{result['steps']}"
+    info.setdefault("evals", {})[key] = result
+    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("fxdit/data/demo_dit"))
@@ -171,12 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-per-class", type=int, default=10,
                    help="after training: samples per class for the quality check (0: skip)")
     p.add_argument("--eval-steps", type=int, default=50)
-    p.add_argument("--eval-guidance", type=float, default=3.0)
+    p.add_argument("--eval-guidance", type=float, default=1.5)
     p.add_argument("--eval-only", action="store_true", help="only run the quality check on --out")
     args = p.parse_args(argv)
     if args.eval_only:
         torch.set_num_threads(args.threads)
-        print(json.dumps(evaluate(args.out, args.eval_per_class, args.eval_steps, args.eval_guidance), indent=2))
+        result = evaluate(args.out, args.eval_per_class, args.eval_steps, args.eval_guidance)
+        record_eval(args.out, result)
+        print(json.dumps(result, indent=2))
         return 0
 
     from diffusers import DDPMScheduler, DiTTransformer2DModel
@@ -285,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_per_class > 0:
         info["quality"] = evaluate(args.out, args.eval_per_class, args.eval_steps, args.eval_guidance)
         (args.out / "training_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        record_eval(args.out, info["quality"])
         print("quality:", json.dumps(info["quality"]), flush=True)
     size = sum(f.stat().st_size for f in args.out.iterdir())
     print(f"done: {step} steps in {(time.monotonic() - start) / 60:.1f} min, loss {loss_avg:.4f}, "

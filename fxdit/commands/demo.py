@@ -30,7 +30,8 @@ def add_common(p: argparse.ArgumentParser, *, steps: int, per_class: int) -> Non
     p.add_argument("--classes", type=_int_list, default=tuple(range(10)),
                    help="comma-separated class labels (default 0..9)")
     p.add_argument("--per-class", type=int, default=per_class, help="samples per class (default %(default)s)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: fxdit.sampler.DEFAULT_GUIDANCE, 1.5)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--rank", type=int, default=64, help="SVD rank of the ICC factors computed on the fly (default 64)")
     p.add_argument("--psnr-gate", type=float, default=25.0, help="PSNR gate in dB vs full computation (default 25)")
@@ -56,12 +57,14 @@ def settings_from(args: argparse.Namespace) -> Any:
     from fxdit.demo import CompareSettings
     from fxdit.errors import FxditError
     from fxdit.quality import Gates
+    from fxdit.sampler import DEFAULT_GUIDANCE
 
     if args.steps < 1 or args.per_class < 1 or not args.classes:
         raise FxditError(f"--steps={args.steps}, --per-class={args.per_class}, --classes={args.classes}; expected "
                          "steps >= 1, per-class >= 1 and at least one class")
     return CompareSettings(steps=args.steps, classes=tuple(args.classes), per_class=args.per_class,
-                           guidance_scale=args.guidance, seed=args.seed, rank=args.rank,
+                           guidance_scale=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+                           seed=args.seed, rank=args.rank,
                            gates=Gates(args.psnr_gate, args.ssim_gate), progress=not args.no_progress)
 
 
