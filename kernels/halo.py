@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxdit.kernels import ops
+
 __all__ = [
     "split_rows",
     "halo_rows",
@@ -220,6 +222,7 @@ def _lse_text_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group_nam
     return (tot[..., :dv] / tot[..., dv:]).to(q.dtype)
 
 
+@ops.calls_grouped_attention
 def halo_grouped_attention(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, kv_group: Tensor, group_adj: Tensor,
                            kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor,
                            full_kv_indices: Tensor, scale: float, block_size: int, image_start: int, n_local: int,
@@ -289,6 +292,7 @@ def _tokens_to_heads(y: Tensor, counts: tuple[int, ...], rank: int, group_name: 
     return got.reshape(world, n, b, hp, d).permute(2, 0, 3, 1, 4).reshape(b, world * hp, n, d)
 
 
+@ops.calls_grouped_attention
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, tables: list[Tensor], scale: float | None, block_size: int,
                       image_start: int, counts: tuple[int, ...], rank: int, group_name: str) -> Tensor:
     """Attention over the whole sequence by an all-to-all over heads (Ulysses).

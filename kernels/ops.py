@@ -148,10 +148,23 @@ def _flex_grouped_attention(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, kv
     return out
 
 
+#: Attribute that marks a plain function as one that calls ``fxdit::grouped_attention`` inside (the context-parallel
+#: wrappers in :mod:`fxdit.kernels.halo`): a graph holding such a call needs the same CPU lowering as the op itself,
+#: or AOT tracing leaves the op opaque and it runs its eager dense reference.
+CALLS_GROUPED_ATTENTION = "__fxdit_calls_grouped_attention__"
+
+
+def calls_grouped_attention(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark ``fn`` as calling ``fxdit::grouped_attention`` (see :data:`CALLS_GROUPED_ATTENTION`)."""
+    setattr(fn, CALLS_GROUPED_ATTENTION, True)
+    return fn
+
+
 def _has_grouped_attention_on_cpu(gm: fx.GraphModule) -> bool:
     op = torch.ops.fxdit.grouped_attention
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (op, op.default):
+        if node.op == "call_function" and (node.target in (op, op.default)
+                                           or getattr(node.target, CALLS_GROUPED_ATTENTION, False)):
             val = node.meta.get("val", node.meta.get("example_value"))
             if not isinstance(val, Tensor) or val.device.type == "cpu":
                 return True

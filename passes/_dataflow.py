@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -1016,9 +1016,10 @@ def _block_starts(graph: fx.Graph, blocks: Sequence[str]) -> dict[int, int]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def trace_back(start: fx.Node, *, through: frozenset[str] = PASS_THROUGH, stop: frozenset[str] = frozenset({"linear"}),
-               limit: int = 200) -> list[fx.Node]:
-    """Nodes of a kind in ``stop`` reached from ``start`` backwards through nodes of a kind in ``through``."""
+def _walk(start: fx.Node, *, through: frozenset[str], stop: frozenset[str], limit: int,
+          neighbours: Callable[[fx.Node], Iterable[fx.Node]]) -> list[fx.Node]:
+    """Nodes of a kind in ``stop`` reached from ``start`` over ``neighbours``, walking on through nodes of a kind in
+    ``through`` only (``start`` itself is always walked through); at most ``limit`` nodes are visited."""
     found: list[fx.Node] = []
     seen: set[fx.Node] = set()
     stack = [start]
@@ -1027,35 +1028,30 @@ def trace_back(start: fx.Node, *, through: frozenset[str] = PASS_THROUGH, stop: 
         if n in seen:
             continue
         seen.add(n)
-        k = kind(n)
-        if n is not start and k in stop:
-            found.append(n)
-            continue
-        if n is not start and k not in through:
-            continue
-        if k == "linear" and n is not start:
-            continue
-        for a in tensor_args(n):
-            if not is_param(a):
-                stack.append(a)
+        if n is not start:
+            k = kind(n)
+            if k in stop:
+                found.append(n)
+                continue
+            if k not in through:
+                continue
+        stack.extend(neighbours(n))
     return found
+
+
+def trace_back(start: fx.Node, *, through: frozenset[str] = PASS_THROUGH, stop: frozenset[str] = frozenset({"linear"}),
+               limit: int = 200) -> list[fx.Node]:
+    """Nodes of a kind in ``stop`` reached from ``start`` backwards through nodes of a kind in ``through`` (never
+    through another linear layer)."""
+
+    def inputs(n: fx.Node) -> list[fx.Node]:
+        if n is not start and kind(n) == "linear":
+            return []
+        return [a for a in tensor_args(n) if not is_param(a)]
+
+    return _walk(start, through=through, stop=stop, limit=limit, neighbours=inputs)
 
 
 def trace_forward(start: fx.Node, *, through: frozenset[str], stop: frozenset[str], limit: int = 200) -> list[fx.Node]:
     """Nodes of a kind in ``stop`` reached from ``start`` forwards through users of a kind in ``through``."""
-    found: list[fx.Node] = []
-    seen: set[fx.Node] = set()
-    stack = [start]
-    while stack and len(seen) < limit:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        k = kind(n)
-        if n is not start and k in stop:
-            found.append(n)
-            continue
-        if n is not start and k not in through:
-            continue
-        stack.extend(n.users)
-    return found
+    return _walk(start, through=through, stop=stop, limit=limit, neighbours=lambda n: n.users)

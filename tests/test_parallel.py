@@ -219,3 +219,20 @@ def test_two_ranks_inductor_compiled(tmp_path, no_inductor):
     Inductor reassociates fp32 sums through two blocks: errors reach ~1e-5; a wrong halo or mask errs by O(0.1).
     """
     _check(tmp_path, 2, ["b_before"], "--inductor", tol=1e-4)
+
+
+def test_context_parallel_wrappers_get_the_cpu_grouped_attention_lowering():
+    """The halo/Ulysses wrappers call ``fxdit::grouped_attention`` inside; a graph holding them must get the same
+    inductor decomposition as the op itself (else the op stays opaque and runs its dense eager reference)."""
+    from fxdit.kernels import ops
+
+    for fn in (halo.halo_grouped_attention, halo.ulysses_attention):
+        graph = torch.fx.Graph()
+        x = graph.placeholder("x")
+        graph.output(graph.call_function(fn, (x,)))
+        gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+        assert torch.ops.fxdit.grouped_attention.default in ops.decompositions_for(gm), fn.__name__
+        assert ops.inductor_patches_for(gm) == {"epilogue_fusion": False}
+    plain = torch.fx.Graph()
+    plain.output(plain.call_function(torch.relu, (plain.placeholder("x"),)))
+    assert ops.decompositions_for(torch.fx.GraphModule(torch.nn.Module(), plain)) == {}
