@@ -3,7 +3,8 @@
 Multi-process cases start 2 or 4 processes of ``tests/parallel_worker.py`` (one per rank, a free TCP port, gloo with
 ``timeout=`` set, a bounded wait here) and compare what every rank returns with the single-process compiled output of
 the same case computed in this process. The workers run the real backend with inductor left out (the ``no_inductor``
-patch); one slow case compiles with inductor. Heavier cases are ``slow``.
+patch); one case compiles with inductor. All of them run in the default suite (about 2 minutes together), so CI
+runs the 2- and 4-process cases.
 """
 
 from __future__ import annotations
@@ -192,27 +193,22 @@ def test_failing_rank_makes_the_others_fail_fast(tmp_path):
     assert not (tmp_path / "fail.rank0.pt").exists()
 
 
-@pytest.mark.slow
 def test_four_ranks_grat_b_odd_split_and_ulysses(tmp_path, no_inductor):
     _check(tmp_path, 4, ["b_before", "b_after", "b_odd", "ulysses"])
 
 
-@pytest.mark.slow
 def test_two_ranks_icc_on(tmp_path, no_inductor):
     _check(tmp_path, 2, ["icc"])
 
 
-@pytest.mark.slow
 def test_two_ranks_ulysses_grat_x_and_video(tmp_path, no_inductor):
     _check(tmp_path, 2, ["ulysses", "x_halo", "b_ulysses", "video"])
 
 
-@pytest.mark.slow
 def test_four_ranks_icc_on(tmp_path, no_inductor):
     _check(tmp_path, 4, ["icc"])
 
 
-@pytest.mark.slow
 def test_two_ranks_inductor_compiled(tmp_path, no_inductor):
     """The workers compile with inductor (functional collectives lowered in the graph); the reference runs as Python.
 
