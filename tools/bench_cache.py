@@ -130,9 +130,14 @@ def part_a(rounds: int, ranks: list[int], out: dict[str, Any]) -> None:
         for r in ranks:
             fac = fxdit.calibrate(model, method="svd", rank=r, modules=mods, progress=False,
                                   example=((x, t_hi, y), {}))
-            for form in (["x", "projcache"] if r == 128 else ["x"]):
-                key = f"r{r}" + ("" if form == "x" else "-projcache")
-                probes[key] = Probe({"cache": {"factors": fac, "schedule": {"period": 2}}}, form=form)
+            for form in (["x", "projcache", "joint"] if r == 128 else ["x"]):
+                key = f"r{r}" + ("" if form == "x" else f"-{form}")
+                cache: dict[str, Any] = {"factors": fac, "schedule": {"period": 2}}
+                if form == "joint":  # one factor pair for the fused qkv linear (fewer MACs at the same rank)
+                    cache.update(qkv="joint", factors=fxdit.calibrate(
+                        model, method="svd", rank=r, qkv="joint", modules=mods, progress=False,
+                        example=((x, t_hi, y), {})))
+                probes[key] = Probe({"cache": cache}, form=None if form == "joint" else form)
                 m = copy.deepcopy(model)
                 variants[key] = torch.compile(m, backend=probes[key], dynamic=False)
                 t0 = time.perf_counter()
