@@ -32,11 +32,10 @@ import fxdit.kernels.ops  # noqa: F401  (registers the fxdit ops)
 from fxdit.calibration import calibrate
 from fxdit.config import CACHE_ROLES, FxditConfig, valid_option_keys
 from fxdit.errors import FxditError
-from fxdit.models.dit import ATTENTION_FORMS, DiT, DiTConfig
+from fxdit.models.dit import ATTENTION_FORMS, DiT, DiTConfig, block_linear_roles, set_lowrank_block_weights
 
 FIXTURE_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                              HealthCheck.data_too_large, HealthCheck.filter_too_much])
-LINEAR_ROLES = {"qkv": "qkv", "proj": "attn_out", "fc1": "mlp_in", "fc2": "mlp_out"}
 PASSED, RAISED = "passed", "FxditError"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,16 +109,7 @@ def build(cfg: DiTConfig, seed: int, lowrank: int | None = None) -> tuple[DiT, l
     torch.manual_seed(seed)
     model = DiT(cfg).eval()
     if lowrank is not None:
-        with torch.no_grad():
-            for name, mod in model.named_modules():
-                leaf = name.split(".")[-1]
-                if isinstance(mod, torch.nn.Linear) and name.startswith("blocks.") and leaf in LINEAR_ROLES:
-                    out, inp = mod.weight.shape
-                    parts = 3 if leaf == "qkv" else 1
-                    rows = out // parts
-                    for p in range(parts):
-                        r = min(lowrank, rows, inp)
-                        mod.weight[p * rows:(p + 1) * rows] = torch.randn(rows, r) @ torch.randn(r, inp) / inp
+        set_lowrank_block_weights(model, lowrank)
     g = torch.Generator().manual_seed(seed + 1)
     batch = 2
     x = torch.randn(batch, cfg.in_channels, *cfg.input_size, generator=g)
@@ -258,8 +248,7 @@ def check_icc(cfg: DiTConfig, seed: int, choice: dict[str, Any], corruption: Any
     model, calls = build(cfg, seed, lowrank=true_rank)
     qkv = choice["qkv"]
     rank = true_rank * (3 if qkv == "joint" else 1) + choice["extra_rank"]
-    modules = {n: LINEAR_ROLES[n.split(".")[-1]] for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.startswith("blocks.") and n.split(".")[-1] in LINEAR_ROLES}
+    modules = block_linear_roles(model)
     if choice["missing_layer"]:
         modules.pop(sorted(modules)[choice["missing_layer"] % len(modules)])
     factors = calibrate(model, method="svd", rank=rank, modules=modules, qkv=choice["calib_qkv"] or qkv,

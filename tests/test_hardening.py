@@ -23,9 +23,8 @@ from fxdit import backend
 from fxdit.calibration import Factors, calibrate, weight_fingerprint
 from fxdit.config import FxditConfig
 from fxdit.errors import FxditError
-from fxdit.models.dit import DiT, DiTConfig
+from fxdit.models.dit import DiT, DiTConfig, block_linear_roles, set_lowrank_block_weights
 
-ROLES = {"qkv": "qkv", "proj": "attn_out", "fc1": "mlp_in", "fc2": "mlp_out"}
 FACTORS_PATH = "factors.safetensors"  # stands for a factor file in option rows that fail before loading it
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,22 +125,12 @@ def test_option_catalogue_ids_unique():
 def lowrank_dit(seed: int = 0, rank: int = 4, depth: int = 2, **kw: Any) -> DiT:
     torch.manual_seed(seed)
     model = DiT(DiTConfig(depth=depth, hidden=32, heads=2, input_size=(8, 8), num_classes=4, **kw)).eval()
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            leaf = name.split(".")[-1]
-            if isinstance(mod, torch.nn.Linear) and name.startswith("blocks.") and leaf in ROLES:
-                out, inp = mod.weight.shape
-                parts = 3 if leaf == "qkv" else 1
-                rows = out // parts
-                for p in range(parts):
-                    mod.weight[p * rows:(p + 1) * rows] = torch.randn(rows, rank) @ torch.randn(rank, inp) / inp
+    set_lowrank_block_weights(model, rank)
     return model
 
 
 def cached_modules(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    return {n: ROLES[n.split(".")[-1]] for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith("blocks.") and n.split(".")[-1] in ROLES
-            and n not in skip}
+    return {n: role for n, role in block_linear_roles(model).items() if n not in skip}
 
 
 def svd_factors(model: torch.nn.Module, rank: int = 4, **kw: Any) -> Factors:

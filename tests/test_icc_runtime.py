@@ -141,22 +141,12 @@ def test_nonfinite_guard_recomputes_in_full():
 
 
 def _lowrank_dit(rank=4, seed=0, **kw):
-    from fxdit.models.dit import DiT, DiTConfig
+    from fxdit.models.dit import DiT, DiTConfig, block_linear_roles, set_lowrank_block_weights
 
     torch.manual_seed(seed)
     model = DiT(DiTConfig(depth=2, hidden=32, heads=2, input_size=(8, 8), num_classes=4, **kw)).eval()
-    modules = {}
-    roles = {"qkv": "qkv", "proj": "attn_out", "fc1": "mlp_in", "fc2": "mlp_out"}
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            leaf = name.split(".")[-1]
-            if isinstance(mod, torch.nn.Linear) and name.startswith("blocks.") and leaf in roles:
-                modules[name] = roles[leaf]
-                out, inp = mod.weight.shape
-                parts = 3 if leaf == "qkv" else 1
-                rows = out // parts
-                for p in range(parts):
-                    mod.weight[p * rows:(p + 1) * rows] = torch.randn(rows, rank) @ torch.randn(rank, inp) / inp
+    modules = block_linear_roles(model)
+    set_lowrank_block_weights(model, rank)
     factors = fxdit.calibrate(model, method="svd", rank=rank, modules=modules,
                               example=((torch.randn(2, 4, 8, 8), torch.full((2,), 500.0), torch.tensor([0, 1])), {}),
                               progress=False)

@@ -52,7 +52,6 @@ class Timer:
 
 
 # -- models ----------------------------------------------------------------------------------------------------
-_ROLES = {"qkv": "qkv", "proj": "attn_out", "fc1": "mlp_in", "fc2": "mlp_out"}
 
 
 def dit_xl_width(depth: int = 4, batch: int = 2):
@@ -66,11 +65,6 @@ def dit_xl_width(depth: int = 4, batch: int = 2):
     x = torch.randn(batch, 4, 32, 32, generator=g)
     y = torch.randint(0, 1000, (batch,), generator=g)
     return model, x, y
-
-
-def cached_modules(model: torch.nn.Module) -> dict[str, str]:
-    return {n: _ROLES[n.split(".")[-1]] for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith("blocks.") and n.split(".")[-1] in _ROLES}
 
 
 class Probe:
@@ -118,9 +112,10 @@ def _runtime(model) -> Any:
 # -- part a ----------------------------------------------------------------------------------------------------
 def part_a(rounds: int, ranks: list[int], out: dict[str, Any]) -> None:
     import fxdit
+    from fxdit.models.dit import block_linear_roles
 
     model, x, y = dit_xl_width()
-    mods = cached_modules(model)
+    mods = block_linear_roles(model)
     t_hi = torch.full((x.shape[0],), 999.0)
     variants: dict[str, Any] = {}
     plain = torch.compile(copy.deepcopy(model), backend="inductor", dynamic=False)
@@ -163,10 +158,11 @@ def part_a(rounds: int, ranks: list[int], out: dict[str, Any]) -> None:
 # -- part b ----------------------------------------------------------------------------------------------------
 def part_b(steps: int, repeats: int, out: dict[str, Any]) -> None:
     import fxdit
+    from fxdit.models.dit import block_linear_roles
     from fxdit.sampler import make_scheduler
 
     model, x0, y = dit_xl_width()
-    mods = cached_modules(model)
+    mods = block_linear_roles(model)
     sched = make_scheduler()
     sched.set_timesteps(steps)
     timesteps = [t.reshape(1).expand(x0.shape[0]).contiguous().float() for t in sched.timesteps]

@@ -43,7 +43,8 @@ from torch import nn
 
 from fxdit.errors import FxditError
 
-__all__ = ["DiT", "DiTConfig", "ATTENTION_FORMS", "TEXT_POSITIONS", "sincos_pos_embed"]
+__all__ = ["DiT", "DiTConfig", "ATTENTION_FORMS", "TEXT_POSITIONS", "BLOCK_LINEAR_ROLES", "block_linear_roles",
+           "set_lowrank_block_weights", "sincos_pos_embed"]
 
 log = logging.getLogger(__name__)
 
@@ -409,3 +410,29 @@ class DiT(nn.Module):
         for block in self.blocks:
             h = block(h, c, ctx)
         return self.unpatchify(self.final_layer(h, c))
+
+
+#: The reference DiT's cacheable block linears, by attribute name → the ICC role ``find_blocks`` gives them.
+BLOCK_LINEAR_ROLES: dict[str, str] = {"qkv": "qkv", "proj": "attn_out", "fc1": "mlp_in", "fc2": "mlp_out"}
+
+
+def block_linear_roles(model: nn.Module) -> dict[str, str]:
+    """Qualified name → ICC role of every cacheable linear in the blocks of a reference DiT (the ``modules=``
+    argument of :func:`fxdit.calibrate`)."""
+    return {n: BLOCK_LINEAR_ROLES[n.split(".")[-1]] for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.startswith("blocks.") and n.split(".")[-1] in BLOCK_LINEAR_ROLES}
+
+
+@torch.no_grad()
+def set_lowrank_block_weights(model: nn.Module, rank: int) -> None:
+    """Overwrite every cacheable block linear's weight with a random matrix of rank ``min(rank, out, in)`` (each
+    third of the fused qkv weight separately), drawn from torch's global generator, so that ICC with factors of that
+    rank is exact in real arithmetic. For tests and benchmarks."""
+    for name in block_linear_roles(model):
+        mod = model.get_submodule(name)
+        out, inp = mod.weight.shape
+        parts = 3 if name.split(".")[-1] == "qkv" else 1
+        rows = out // parts
+        r = min(rank, rows, inp)
+        for p in range(parts):
+            mod.weight[p * rows:(p + 1) * rows] = torch.randn(rows, r) @ torch.randn(r, inp) / inp
