@@ -13,9 +13,35 @@ Public API (imported lazily; ``import fxdit`` registers nothing and patches noth
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fxdit.errors import FxditError
+
+
+def _source_checkout_root() -> str | None:
+    """The checkout root when ``fxdit`` runs from a source checkout, else ``None``.
+
+    ``fxdit.passes`` and ``fxdit.kernels`` are the top-level folders ``passes/`` and ``kernels/`` (setuptools
+    ``package-dir``). They carry no ``__init__.py``: a Python process started in the checkout has its root on
+    ``sys.path``, and a regular package named ``kernels`` there would shadow the installed PyPI package of that name
+    (which transformers imports). As namespace portions they lose to any installed package of the same name. A wheel
+    installs them as ``fxdit/kernels`` and ``fxdit/passes``; in a checkout (or an editable install of one) they are
+    found by adding the root to this package's ``__path__``.
+    """
+    here = Path(__file__).resolve().parent
+    if (here / "kernels").is_dir() and (here / "passes").is_dir():
+        return None
+    root = here.parent
+    if (root / "kernels").is_dir() and (root / "passes").is_dir() and (root / "pyproject.toml").is_file():
+        return str(root)
+    return None
+
+
+_root = _source_checkout_root()
+if _root is not None and _root not in __path__:
+    __path__.append(_root)
+del _root
 
 __version__ = "0.1.0"
 
@@ -58,7 +84,7 @@ def __getattr__(name: str) -> Any:
 def reports(model: Any = None) -> list:
     """The :class:`~fxdit.registry.CompiledGraph` records of ``model`` (or of every model when ``None``).
 
-    Each record has ``graph_id``, ``reports`` (one :class:`~fxdit.passes.PassReport` per pass),
+    Each record has ``graph_id``, ``reports`` (one :class:`~fxdit.passes._base.PassReport` per pass),
     ``summary`` (attention sites, blocks, token grid...) and ``dump_dir``.
 
     Args:

@@ -25,9 +25,9 @@ import torch.fx as fx
 from fxdit import registry
 from fxdit.config import FxditConfig
 from fxdit.errors import FxditError
-from fxdit.passes import PIPELINE
 from fxdit.passes._base import PassReport
 from fxdit.passes._fx_utils import fresh_copy, lifted_constants
+from fxdit.passes.pipeline import PIPELINE
 
 __all__ = ["fxdit_backend", "make_backend", "compile_graph", "run_pipeline"]
 

@@ -34,9 +34,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from fxdit.kernels import ops
+from torch import Tensor
 
 __all__ = [
     "split_rows",

@@ -25,9 +25,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
-from torch import Tensor
-
 from fxdit.kernels.reference import grouped_attention_ref
+from torch import Tensor
 
 __all__ = ["grouped_attention", "decompositions_for", "inductor_patches_for"]
 

@@ -8,8 +8,9 @@ Analysis only: the graph is not changed. Two families of call forms are recognis
 * the unfused chain ``softmax(q @ kᵀ · scale [+ mask]) @ v`` (:data:`UNFUSED_CHAIN`): one row per step, each
   listing the node kinds allowed there, optional steps and what the step records. ``@`` may be ``matmul``,
   ``torch.bmm`` or ``.matmul``; the scores may also be ``torch.baddbmm(mask_or_empty, q, kᵀ, beta=0|1,
-  alpha=scale)`` (diffusers' classic ``AttnProcessor``); kᵀ may be ``transpose(-2, -1)``, ``transpose(-1, -2)``, a permute swapping
-  the last two dims or ``.mT``; the scale may be ``*`` or ``/`` on the scores or on q (``"unfused_prescaled"``).
+  alpha=scale)`` (diffusers' classic ``AttnProcessor``); kᵀ may be ``transpose(-2, -1)``, ``transpose(-1, -2)``,
+  a permute swapping the last two dims or ``.mT``; the scale may be ``*`` or ``/`` on the scores or on q
+  (``"unfused_prescaled"``).
 
 Spans come from the token :class:`~fxdit.passes._dataflow.Layout` of q and k (see :mod:`._dataflow`): a
 joint sequence built by ``torch.cat`` of text and image tokens gives ``text_span``/``image_span``

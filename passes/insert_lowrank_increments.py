@@ -23,11 +23,11 @@ import operator
 
 import torch
 import torch.fx as fx
-
-from fxdit.config import FxditConfig
 from fxdit.passes._base import PassReport, ReportBuilder
 from fxdit.passes._fx_utils import fake_value, finish, fxdit_meta, lift_constant, node_meta, nodes_by_name
 from fxdit.passes.plan_cache import cache_slots, entry_factors
+
+from fxdit.config import FxditConfig
 
 __all__ = ["insert_lowrank_increments"]
 

@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from fxdit.passes._base import PassReport, ReportBuilder
+from fxdit.passes._fx_utils import fake_value, fxdit_meta, nodes_by_name, shape_of
 
 from fxdit.config import CACHE_ROLES, FxditConfig
 from fxdit.errors import FxditError
-from fxdit.passes._base import PassReport, ReportBuilder
-from fxdit.passes._fx_utils import fake_value, fxdit_meta, nodes_by_name, shape_of
 
 __all__ = ["plan_cache", "SharedRef", "load_factors", "cache_slots", "entry_factors", "QKV_PARTS", "FORMS"]
 

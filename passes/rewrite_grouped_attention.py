@@ -44,9 +44,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-
-from fxdit.config import FxditConfig
-from fxdit.errors import FxditError
 from fxdit.kernels import grat_layout as gl
 from fxdit.kernels import ops as _ops  # noqa: F401 - registers torch.ops.fxdit.grouped_attention
 from fxdit.passes._base import PassReport, ReportBuilder
@@ -60,6 +57,9 @@ from fxdit.passes._fx_utils import (
     shape_of,
 )
 from fxdit.passes._records import AttentionSite, TokenGrid
+
+from fxdit.config import FxditConfig
+from fxdit.errors import FxditError
 
 __all__ = ["rewrite_grouped_attention"]
 
@@ -891,7 +891,6 @@ def _apply_hoisting(gm: fx.GraphModule, flow: _Flow, grid_rec: TokenGrid, perm: 
                     consts: _Constants, meta: _Meta) -> int:
     """Insert the entry gather, the side gathers and the exit gathers; return how many were inserted."""
     graph = gm.graph
-    n = perm.numel()
     entry = flow.entry
     d0 = flow.tok[entry][0]
     count = 0

@@ -43,8 +43,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-
-from fxdit.config import FxditConfig
 from fxdit.kernels import grat_layout as gl
 from fxdit.kernels import halo
 from fxdit.kernels import ops as _ops  # noqa: F401 - registers torch.ops.fxdit.grouped_attention
@@ -52,17 +50,19 @@ from fxdit.passes._base import PassReport, ReportBuilder
 from fxdit.passes._fx_utils import fake_value, finish, fxdit_meta, lift_constant, nodes_by_name, shape_of
 from fxdit.passes._records import AttentionSite, TokenGrid
 from fxdit.passes.rewrite_grouped_attention import (
+    _EXPAND,
     _METADATA,
     _RESHAPE,
     _SPLIT,
-    _EXPAND,
-    _TokenFlow,
-    _NotTokenWise,
     _arg,
     _key,
     _norm_dim,
+    _NotTokenWise,
     _slice_ints,
+    _TokenFlow,
 )
+
+from fxdit.config import FxditConfig
 
 __all__ = ["shard_tokens"]
 
@@ -240,7 +240,7 @@ def shard_tokens(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
             plans.append((kind, node, None))
         elif node in sites:
             site = sites[node]
-            q, k = nodes.get(site.q), nodes.get(site.k)
+            k = nodes.get(site.k)
             if not isinstance(flow.tok.get(k), tuple):
                 continue  # cross-attention: keys from another sequence, queries token-wise
             rb.matched += 1

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from fxdit.kernels import grat_layout as gl
+from fxdit.passes._fx_utils import fxdit_meta, nodes_by_name
+from fxdit.passes.pipeline import find_attention, find_blocks
+from fxdit.passes.rewrite_grouped_attention import _resolve_grid, _resolve_group, _why_not
 
 from fxdit.config import FxditConfig
-from fxdit.kernels import grat_layout as gl
-from fxdit.passes import find_attention, find_blocks
-from fxdit.passes._fx_utils import fxdit_meta, nodes_by_name
-from fxdit.passes.rewrite_grouped_attention import _resolve_grid, _resolve_group, _why_not
 
 
 def capture(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None,
@@ -74,7 +74,7 @@ def grouped_sdpa(gm: fx.GraphModule, cfg: FxditConfig) -> Iterator[dict[str, int
     def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         bound = {**dict(zip(names, args)), **kwargs}
-        q, k, v = bound["query"], bound["key"], bound["value"]
+        q, k = bound["query"], bound["key"]
         attn_mask = bound.get("attn_mask")
         i = counts["calls"]
         counts["calls"] += 1

@@ -93,8 +93,9 @@ def test_make_backend_typed():
 
 
 def test_fallback_keeps_graph_when_a_pass_fails(monkeypatch):
-    from fxdit import backend
     from fxdit.passes._base import PassReport
+
+    from fxdit import backend
 
     def broken_pass(gm, cfg):
         for n in list(gm.graph.nodes):

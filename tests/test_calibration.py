@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from fxdit.kernels.reference import lowrank_increment_ref
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -11,7 +12,6 @@ from torch import nn
 from fxdit import calibration as cal
 from fxdit.calibration import Factors, calibrate, channel_weights, select_rank, weighted_svd
 from fxdit.errors import FxditError
-from fxdit.kernels.reference import lowrank_increment_ref
 
 
 def _werr(W, A, B, left=None, right=None):

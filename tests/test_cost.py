@@ -4,10 +4,10 @@ import pytest
 import sympy
 import torch
 import torch.nn.functional as F
-
-from fxdit.cost import B, L, N, graph_cost, macs
 from fxdit.passes._fx_utils import fxdit_meta, node_meta
 from fxdit.passes._records import AttentionSite, TokenGrid
+
+from fxdit.cost import B, L, N, graph_cost, macs
 
 
 def _capture(fn, *args):
@@ -213,7 +213,7 @@ def test_markdown_lists_every_row_and_the_symbols():
 
 def test_dit_tiny_cost(dit_tiny_graph):
     """Reference DiT: linear MACs are B·N·Σ(in·out) over token linears + B·Σ over vector linears."""
-    from fxdit.passes import find_attention
+    from fxdit.passes.pipeline import find_attention
 
     gm, spec = dit_tiny_graph
     find_attention(gm, None)
@@ -235,8 +235,9 @@ def test_dit_tiny_cost(dit_tiny_graph):
 
 @pytest.fixture
 def dit_tiny_graph():
-    from fxdit.models import build
     from fxdit.passes._fx_utils import fresh_copy
+
+    from fxdit.models import build
 
     spec = build("dit-tiny", batch=2)
     gm = _capture(lambda *a: spec.model(*a, **spec.kwargs), *spec.args)

@@ -13,7 +13,6 @@ from fxdit import demo
 from fxdit.cli import main as cli_main
 from fxdit.errors import FxditError
 
-
 # ---------------------------------------------------------------------------------------------------- MACs
 
 

@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from fxdit.passes._base import PassReport
+from fxdit.passes._fx_utils import finish, fxdit_meta, node_meta
 
 import fxdit
 from fxdit.config import FxditConfig
 from fxdit.dump import GraphDump, render_report
-from fxdit.passes._base import PassReport
-from fxdit.passes._fx_utils import finish, fxdit_meta, node_meta
 
 
 class _Attn(torch.nn.Module):
@@ -53,8 +53,9 @@ _mark_grat.__name__ = "_mark_grat"
 @pytest.fixture
 def no_inductor_grat(no_inductor, monkeypatch):
     """``no_inductor`` with a pipeline whose last pass marks every attention site as grouped."""
+    from fxdit.passes.pipeline import find_attention, find_blocks
+
     from fxdit import backend
-    from fxdit.passes import find_attention, find_blocks
 
     monkeypatch.setattr(backend, "PIPELINE", (find_attention, find_blocks, _mark_grat))
 
@@ -151,7 +152,7 @@ def _graph_of(m, x):
 
 
 def test_variants_and_cache_memory_sections(tmp_path):
-    from fxdit.passes import find_attention, find_blocks
+    from fxdit.passes.pipeline import find_attention, find_blocks
 
     gm = _graph_of(_Attn().eval(), torch.randn(2, 12, 32))
     cfg = FxditConfig.from_options({"dump_dir": str(tmp_path)})
@@ -199,7 +200,7 @@ def test_provisional_report_survives_a_failing_lowering(tmp_path, no_inductor_gr
 def test_grat_column_matches_a_replacement_node_by_qkv():
     """A rewrite that builds a new node (no site record carried) is still shown on its site's row."""
     import fxdit.kernels.ops  # noqa: F401 - registers fxdit::grouped_attention
-    from fxdit.passes import find_attention
+    from fxdit.passes.pipeline import find_attention
 
     gm = _graph_of(_Attn().eval(), torch.randn(2, 12, 32))
     find_attention(gm, FxditConfig())

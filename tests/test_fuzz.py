@@ -22,13 +22,13 @@ import contextlib
 import math
 from typing import Any
 
+import fxdit.kernels.ops  # noqa: F401  (registers the fxdit ops)
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxdit
-import fxdit.kernels.ops  # noqa: F401  (registers the fxdit ops)
 from fxdit.calibration import calibrate
 from fxdit.config import CACHE_ROLES, FxditConfig, valid_option_keys
 from fxdit.errors import FxditError
@@ -186,10 +186,9 @@ def check_lossless(cfg: DiTConfig, seed: int, choice: dict[str, Any], corruption
 
 def check_grat(cfg: DiTConfig, seed: int, choice: dict[str, Any], corruption: Any) -> str:
     """GRAT equals eager attention with the grouped mask's dense equivalent, on exactly the rewritten sites."""
-    from grat_oracle import grouped_sdpa, planned_sites
-
-    from fxdit.passes import find_attention, find_blocks
     from fxdit.passes._fx_utils import fresh_copy
+    from fxdit.passes.pipeline import find_attention, find_blocks
+    from grat_oracle import grouped_sdpa, planned_sites
 
     grid = token_grid(cfg)
     group = tuple(choice["group_pick"][i] % len(_divisors(n)) for i, n in enumerate(grid))

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fxdit.kernels.ops  # noqa: F401  (registers the fxdit ops)
 import pytest
 import torch
 
 import fxdit
-import fxdit.kernels.ops  # noqa: F401  (registers the fxdit ops)
 from fxdit import backend
-from fxdit.calibration import Factors, calibrate, weight_fingerprint
+from fxdit.calibration import Factors, calibrate
 from fxdit.config import FxditConfig
 from fxdit.errors import FxditError
 from fxdit.models.dit import DiT, DiTConfig, block_linear_roles, set_lowrank_block_weights
@@ -36,7 +36,7 @@ OPTION_CATALOGUE: list[tuple[str, Any, str]] = [
     # unknown keys, with did-you-mean
     ("unknown top-level key", {"atention": {}}, "unknown option atention (did you mean 'attention'?)"),
     ("unknown top-level key, no close match", {"bogus": 1}, "valid keys are: attention, cache"),
-    ("unknown attention key", {"attention": {"mdoe": "grat-b"}}, "unknown option attention.mdoe (did you mean 'mode'?)"),
+    ("unknown attention key", {"attention": {"mdoe": "grat-b"}}, "unknown option attention.mdoe (did you mean 'mode'?)"),  # noqa: E501
     ("unknown cache key", {"cache": {"gaurd": "nonfinite"}}, "unknown option cache.gaurd (did you mean 'guard'?)"),
     ("unknown schedule key", {"cache": {"schedule": {"perod": 2}}},
      "unknown option cache.schedule.perod (did you mean 'period'?)"),
@@ -50,7 +50,7 @@ OPTION_CATALOGUE: list[tuple[str, Any, str]] = [
     ("section not a mapping", {"attention": ["grat-b"]}, "attention=['grat-b']; expected a mapping (dict)"),
     ("cache section not a mapping", {"cache": 1}, "cache=1; expected a mapping (dict)"),
     ("group as a string", {"attention": {"group": "16x16"}}, "attention.group='16x16'; expected a tuple of integers"),
-    ("group of floats", {"attention": {"group": (4.0, 4.0)}}, "attention.group=(4.0, 4.0); expected a tuple of integers"),
+    ("group of floats", {"attention": {"group": (4.0, 4.0)}}, "attention.group=(4.0, 4.0); expected a tuple of integers"),  # noqa: E501
     ("radius as a float", {"attention": {"radius": 1.5}}, "attention.radius=1.5; expected an integer"),
     ("radius as a bool", {"attention": {"radius": True}}, "attention.radius=True; expected an integer"),
     ("min_tokens as a string", {"attention": {"min_tokens": "1k"}}, "attention.min_tokens='1k'; expected an integer"),
@@ -69,7 +69,7 @@ OPTION_CATALOGUE: list[tuple[str, Any, str]] = [
      "expected sizes that divide grid=(3, 16, 16)"),
     ("group rank differs from grid", {"attention": {"group": (4, 4), "grid": (2, 16, 16)}},
      "attention.group=(4, 4); expected 3 sizes to match grid=(2, 16, 16)"),
-    ("group of one size", {"attention": {"group": (16,)}}, "attention.group=(16,); expected a tuple of 2 or 3 integers"),
+    ("group of one size", {"attention": {"group": (16,)}}, "attention.group=(16,); expected a tuple of 2 or 3 integers"),  # noqa: E501
     ("group size zero", {"attention": {"group": (0, 4)}}, "attention.group=(0, 4); expected integers >= 1"),
     ("grid size zero", {"attention": {"grid": (16, 0)}}, "attention.grid=(16, 0); expected integers >= 1"),
     ("radius < 0", {"attention": {"radius": -1}}, "attention.radius=-1; expected an integer >= 0"),

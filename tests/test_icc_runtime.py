@@ -2,13 +2,13 @@
 
 import os
 
+import fxdit.kernels.ops  # noqa: F401
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fxdit
-import fxdit.kernels.ops  # noqa: F401
 import fxdit.models
 from fxdit.config import FxditConfig, ScheduleConfig
 from fxdit.errors import FxditError

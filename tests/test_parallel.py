@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fxdit.kernels import halo
 
 import fxdit
 from fxdit import registry
 from fxdit.config import FxditConfig
 from fxdit.errors import FxditError
-from fxdit.kernels import halo
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

@@ -28,8 +28,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-import fxdit  # noqa: E402
 import fxdit.kernels.ops  # noqa: E402,F401  (registers fxdit::grouped_attention)
+
+import fxdit  # noqa: E402
 from fxdit.config import CACHE_ROLES  # noqa: E402
 from fxdit.models import pipelines as P  # noqa: E402
 

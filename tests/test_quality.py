@@ -10,8 +10,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fxdit.errors import FxditError
-from fxdit.quality import (DATA_RANGE, DEFAULT_GATES, Gates, SampleScorer, class_accuracy, digits_dataset,
-                           load_classifier, psnr, ssim)
+from fxdit.quality import (
+    DATA_RANGE,
+    DEFAULT_GATES,
+    Gates,
+    SampleScorer,
+    class_accuracy,
+    digits_dataset,
+    load_classifier,
+    psnr,
+    ssim,
+)
 
 
 def _images(seed: int = 0, n: int = 3) -> torch.Tensor:

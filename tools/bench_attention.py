@@ -53,7 +53,6 @@ ROWS_JSON = "attention_rows.json"
 
 from _timing import timed_call  # noqa: E402  (tools/ is on sys.path when run as a script)
 
-
 # ------------------------------------------------------------------------------------------------ providers
 
 
@@ -69,14 +68,14 @@ def _group_for(grid: tuple[int, ...], group2d: tuple[int, int]) -> tuple[int, ..
 
 def build_providers(grid: tuple[int, ...], group: tuple[int, ...], mode: str, *, heads: int, head_dim: int,
                     dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+    from fxdit.kernels import grat_layout as L
+    from fxdit.kernels import ops
     from torch._inductor.compile_fx import compile_fx
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     from fxdit import backend
     from fxdit.config import FxditConfig
-    from fxdit.kernels import grat_layout as L
-    from fxdit.kernels import ops
 
     layout = L.SequenceLayout.image_then_text(grid, group, mode)
     t0 = time.perf_counter()
@@ -245,7 +244,7 @@ def render(rows: list[Row], meta: dict[str, Any], e2e: str) -> str:
 
 
 NOTES = [
-    "* Quiet re-run (2026-11-23, about 18:10 UTC) of the 128² and 192² rows (every call clean; the 32² and 64² rows are still from the contended run): at 128² with 16×16 groups GRAT-B reaches **5.74×** over compiled dense SDPA, 0.68 of ideal, and GRAT-X **2.92×** (0.68): the issue-4 targets (≥ 7.6× / 0.9 and ≥ 3.6× / 0.85) are **missed**. The 7.65× / 3.90× of the earlier run came from contended calls in which the dense baseline was slowed more than the sparse one (dense 3342 ms then, 920 ms now). fxdit is not slower than compiled flex_attention with the same mask (1.30× and 1.00×). Profile: compiled flex_attention over this BlockMask takes the same 156–160 ms with the group mask_mod, a no-op mask_mod, SKIP_MASK_SCORE, and PARTITION_SIZE 64 or 256, so the gap to ideal is inductor's CPU flex template (≈100 GFLOP/s on the listed blocks against ≈150 GFLOP/s for dense SDPA), not fxdit's mask or tables; the prototype's 103 ms for the same template (cpu_measurements.md) is not reproduced on today's machine (dense SDPA is 15 % slower than then, flex 55 %).",
+    "* Quiet re-run (2026-11-23, about 18:10 UTC) of the 128² and 192² rows (every call clean; the 32² and 64² rows are still from the contended run): at 128² with 16×16 groups GRAT-B reaches **5.74×** over compiled dense SDPA, 0.68 of ideal, and GRAT-X **2.92×** (0.68): the issue-4 targets (≥ 7.6× / 0.9 and ≥ 3.6× / 0.85) are **missed**. The 7.65× / 3.90× of the earlier run came from contended calls in which the dense baseline was slowed more than the sparse one (dense 3342 ms then, 920 ms now). fxdit is not slower than compiled flex_attention with the same mask (1.30× and 1.00×). Profile: compiled flex_attention over this BlockMask takes the same 156–160 ms with the group mask_mod, a no-op mask_mod, SKIP_MASK_SCORE, and PARTITION_SIZE 64 or 256, so the gap to ideal is inductor's CPU flex template (≈100 GFLOP/s on the listed blocks against ≈150 GFLOP/s for dense SDPA), not fxdit's mask or tables; the prototype's 103 ms for the same template (cpu_measurements.md) is not reproduced on today's machine (dense SDPA is 15 % slower than then, flex 55 %).",  # noqa: E501
     "* fxdit and flex run the same inductor C++ flex template over the same BlockMask, so their ratio should be "
     "≈1; fxdit builds the BlockMask in-graph from the tables (graph inputs) and has no extra work per call.",
     "* Block size = the largest of 128/64/32/16 dividing the group (8×8 groups → 64, 16×16 → 128), so every "
@@ -287,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     if args.append and sidecar.exists():
         rows = [Row(**r) for r in json.loads(sidecar.read_text())]
-    meta: dict[str, Any] = {"notes": NOTES, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+    meta: dict[str, Any] = {"notes": NOTES, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,  # noqa: E501
             "threads": torch.get_num_threads(), "heads": args.heads, "head_dim": args.head_dim,
             "max_other": args.max_other, "cpu": _cpu_name()}
     for grid_s in args.grids.split(","):

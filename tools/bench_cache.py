@@ -80,11 +80,12 @@ class Probe:
     def __call__(self, gm, example_inputs, **kw):
         import importlib
 
-        from fxdit import backend as fb
-        from fxdit.cost import macs
         from fxdit.passes._fx_utils import fresh_copy, fxdit_meta
         from fxdit.passes.insert_lowrank_increments import insert_lowrank_increments
         from fxdit.passes.record_linear_caches import record_linear_caches
+
+        from fxdit import backend as fb
+        from fxdit.cost import macs
 
         plan_mod = importlib.import_module("fxdit.passes.plan_cache")  # the package re-exports the function
         old = plan_mod.DEFAULT_FORM
@@ -271,16 +272,17 @@ def part_d(ranks: list[int], out: dict[str, Any]) -> None:
     the graph variants run eagerly (no inductor). Error: relative L2 of the model output of a cached step (caches
     from the previous step of a 2-step DDIM-like move) against the full computation of that step.
     """
-    import fxdit
-    from fxdit.config import FxditConfig
-    from fxdit.cost import macs
-    from fxdit.models.dit import DiT, DiTConfig
     from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, lifted_constants
     from fxdit.passes.find_attention import find_attention
     from fxdit.passes.find_blocks import find_blocks
     from fxdit.passes.insert_lowrank_increments import insert_lowrank_increments
     from fxdit.passes.plan_cache import plan_cache
     from fxdit.passes.record_linear_caches import record_linear_caches
+
+    import fxdit
+    from fxdit.config import FxditConfig
+    from fxdit.cost import macs
+    from fxdit.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
     model = DiT(DiTConfig(depth=2, hidden=384, heads=6, input_size=(32, 32), num_classes=10)).eval()

@@ -31,7 +31,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
@@ -71,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import fxdit
     from fxdit.kernels import grat_layout as gl
+
+    import fxdit
     from fxdit.models.dit import DiT, DiTConfig
 
     cfg = DiTConfig(depth=args.depth, hidden=args.hidden, heads=args.heads, patch=args.patch,
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     row = (f"| reference DiT, {args.depth} blocks, hidden {args.hidden}, {args.heads} heads, batch {args.batch} "
            f"| {side}×{side} | {args.mode.upper()} {args.group}×{args.group}, density {density:.3f} "
            f"| {t_fx * 1e3:.0f} ({c_fx}/{args.iters} clean) | {t_ind * 1e3:.0f} ({c_ind}/{args.iters} clean) "
-           f"| **{speedup:.2f}×** paired median ({paired[0]:.2f}–{paired[-1]:.2f}; ratio of medians {t_ind / t_fx:.2f}×) "
+           f"| **{speedup:.2f}×** paired median ({paired[0]:.2f}–{paired[-1]:.2f}; ratio of medians {t_ind / t_fx:.2f}×) "  # noqa: E501
            f"| {dense_flops / sparse_flops:.2f}× |")
     table = "\n".join([
         "| model | tokens | pattern | fxdit ms | plain inductor ms | speedup | ideal (FLOPs) |",

@@ -42,10 +42,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+import fxdit.kernels.ops  # noqa: E402,F401
 from _timing import measure  # noqa: E402
 
 import fxdit  # noqa: E402
-import fxdit.kernels.ops  # noqa: E402,F401
 from fxdit import registry  # noqa: E402
 from fxdit.models import pipelines as P  # noqa: E402
 
@@ -167,7 +167,7 @@ def render(rows: list[dict[str, Any]], steps: int, reps: int, rank: int, *, indu
         "",
         "## Speed (smoke check) and quality vs eager",
         "",
-        "| family | mode | time / pipeline call | vs eager | first call (trace + compile) | contended | max abs error | "
+        "| family | mode | time / pipeline call | vs eager | first call (trace + compile) | contended | max abs error | "  # noqa: E501
         "PSNR vs eager | ICC cached / full calls |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

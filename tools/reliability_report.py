@@ -111,7 +111,7 @@ def catalogue(th: Any) -> tuple[list[str], int, int]:
         except FxditError as exc:
             message, found = str(exc), fragment in str(exc)
         ok += found
-        lines.append(f"| {i} | {_cell(name)}: `{_cell(repr(options))}` | {_cell(message)} | {'yes' if found else 'NO'} |")
+        lines.append(f"| {i} | {_cell(name)}: `{_cell(repr(options))}` | {_cell(message)} | {'yes' if found else 'NO'} |")  # noqa: E501
     start = len(th.OPTION_CATALOGUE)
     with tempfile.TemporaryDirectory() as tmp:
         for j, (name, make, fragment) in enumerate(th.FACTOR_CATALOGUE, start + 1):
@@ -171,7 +171,7 @@ def fuzz(tf: Any, profile: str, examples: int, only: list[str] | None,
         make_case(c, check)()
         wall = time.perf_counter() - t0
         other = ", ".join(f"{k}: {v}" for k, v in sorted(c["other"].items())) or "none"
-        run = f"{c['run']}" + (f" (+{c['over_budget']} drawn after the time budget, not run)" if c["over_budget"] else "")
+        run = f"{c['run']}" + (f" (+{c['over_budget']} drawn after the time budget, not run)" if c["over_budget"] else "")  # noqa: E501
         lines.append(f"| {name} | {run} | {c['passed']} | {c['FxditError']} | {_cell(other)} | {wall:.0f} s |")
         for k, msg in c["first"].items():
             details.append(f"- `{name}` / {k}: {_cell(msg)}")

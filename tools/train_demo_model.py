@@ -15,8 +15,8 @@ Progressive resolution: the first ``--low-res-steps`` steps run at ``--low-res``
 6x cheaper per step), the rest at 32x32. diffusers' ``PatchEmbed`` recomputes its sin-cos position table for
 the smaller grid on the same coordinate range (``base_size``), so the weights carry over unchanged; the saved
 model is the 32x32 one. It stops at ``--max-steps`` or when ``--time-budget-min`` runs out, whichever comes
-first, and saves a checkpoint every ``--checkpoint-min`` minutes, so a usable model exists early. To reproduce a shipped model bit for bit, pass the step count it reports as ``--max-steps`` with the
-same seed and thread count.
+first, and saves a checkpoint every ``--checkpoint-min`` minutes, so a usable model exists early. To reproduce a
+shipped model bit for bit, pass the step count it reports as ``--max-steps`` with the same seed and thread count.
 
 The weights are saved in fp16 (about 11 MB) with ``save_pretrained(safe_serialization=True)``; load them
 with ``DiTTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32)``. The folder also holds the
@@ -289,12 +289,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step} {'low-res' if low else '32x32'} loss {loss_avg:.4f} lr {sched.get_last_lr()[0]:.2e} "
                   f"elapsed {el / 60:.1f} min ({el / step:.2f} s/step)", flush=True)
         if time.monotonic() - last_ckpt > args.checkpoint_min * 60.0:
-            info = dict(settings, steps=step, low_res_steps_done=switch_step, loss_ema=loss_avg, elapsed_s=time.monotonic() - start, final=False)
+            info = dict(settings, steps=step, low_res_steps_done=switch_step, loss_ema=loss_avg,
+                        elapsed_s=time.monotonic() - start, final=False)
             save_checkpoint(ema, args.out, info)
             last_ckpt = time.monotonic()
             print(f"checkpoint at step {step} -> {args.out}", flush=True)
     bar.close()
-    info = dict(settings, steps=step, low_res_steps_done=switch_step, loss_ema=loss_avg, elapsed_s=time.monotonic() - start, final=True)
+    info = dict(settings, steps=step, low_res_steps_done=switch_step, loss_ema=loss_avg,
+                elapsed_s=time.monotonic() - start, final=True)
     save_checkpoint(ema, args.out, info)
     if args.eval_per_class > 0:
         info["quality"] = evaluate(args.out, args.eval_per_class, args.eval_steps, args.eval_guidance)

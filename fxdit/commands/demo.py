@@ -70,12 +70,12 @@ def settings_from(args: argparse.Namespace) -> Any:
 
 def execute(args: argparse.Namespace, modes: list[Any], model: str) -> int:
     """Load, compare, print and write; shared by ``demo`` and ``eval``."""
-    import fxdit.sampler as sampling
+    import os
+
     import torch
 
+    import fxdit.sampler as sampling
     from fxdit.demo import compare, format_table, write_outputs
-
-    import os
 
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

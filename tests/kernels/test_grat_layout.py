@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
+from fxdit.kernels import grat_layout as L
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
-
-from fxdit.kernels import grat_layout as L
 
 # --------------------------------------------------------------------------------------------- permutation
 

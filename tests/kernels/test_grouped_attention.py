@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
-from hypothesis import strategies as st
-
 from fxdit.kernels import grat_layout as L
 from fxdit.kernels import ops
 from fxdit.kernels.grouped_attention import grouped_attention
 from fxdit.kernels.reference import grouped_attention_ref, grouped_dense_mask
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 def _tables(cls_q, cls_k, adj, block_size):
@@ -292,13 +291,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fxdit.kernels.grouped_attention import _grouped_attention_fwd_kernel as k
-dt, cap, bm, bn, dpad, bs, valid, ieee = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:7]), sys.argv[7] == "1", sys.argv[8] == "1"
+dt, cap = sys.argv[1], int(sys.argv[2])
+bm, bn, dpad, bs = map(int, sys.argv[3:7])
+valid, ieee = sys.argv[7] == "1", sys.argv[8] == "1"
 ptr = {n: "*" + dt for n in ("Q", "K", "V", "Out")}
 ptr.update({n: "*i32" for n in ("QG", "KG", "KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX")}, ADJ="*i8", KVV="*i8")
 const = dict(BLOCK_SIZE=bs, D_PAD=dpad, DV_PAD=dpad, HAS_VALID=valid, DOT_FP32=False, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn)
 sig = {n: ptr.get(n, "constexpr" if n in const else ("fp32" if n == "qk_scale" else "i32")) for n in k.arg_names}
 src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
-c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 8 if bm == 128 else 4, "num_stages": 2})
+opts = {"num_warps": 8 if bm == 128 else 4, "num_stages": 2}
+c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=opts)
 assert c.asm["cubin"]
 """
 

@@ -1,12 +1,11 @@
 """fxdit::lowrank_increment: Triton kernel (interpreter on CPU) vs reference vs fp64, op registration, CPU lowering."""
 
+import fxdit.kernels.lowrank_increment as lk
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-
-import fxdit.kernels.lowrank_increment as lk
 from fxdit.kernels import ops
 from fxdit.kernels.reference import lowrank_increment_ref
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 _EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _analysed import ALL_MODELS, analysed, needs, trace
+from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, nodes_by_name
+from fxdit.passes.find_attention import find_attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxdit.analysis import analyze
 from fxdit.config import FxditConfig
 from fxdit.models.dit import DiT, DiTConfig
-from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, nodes_by_name
-from fxdit.passes.find_attention import find_attention
 
 CFG = FxditConfig()
 
@@ -385,8 +385,9 @@ def test_joint_attention_spans_with_equal_stream_lengths(text_first):
 @pytest.mark.skipif(needs("pixart-alpha") != [], reason="diffusers is not installed")
 def test_diffusers_classic_processor_baddbmm_form():
     """diffusers' AttnProcessor: heads folded into the batch, baddbmm(empty|mask, q, kᵀ, alpha=scale), bmm."""
-    import fxdit.models as models
     from diffusers.models.attention_processor import AttnProcessor
+
+    import fxdit.models as models
 
     spec = models.build("pixart-alpha")
     for m in spec.model.modules():

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _analysed import ALL_MODELS, analysed, needs, trace
-
-from fxdit.analysis import analyze, analyze_graph
-from fxdit.config import FxditConfig
 from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, nodes_by_name
 from fxdit.passes._records import LINEAR_ROLES
 from fxdit.passes.find_attention import find_attention
 from fxdit.passes.find_blocks import find_blocks
+
+from fxdit.analysis import analyze, analyze_graph
+from fxdit.config import FxditConfig
 
 
 def _role_counts(block) -> dict[str, int]:

@@ -5,23 +5,23 @@ against the full variant at the same inputs: with weights that are exactly rank 
 increment path reproduces the full step, for every cached role and form.
 """
 
+import fxdit.kernels.ops  # noqa: F401  (registers the fxdit ops)
 import pytest
 import torch
 import torch.fx as fx
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import fxdit.kernels.ops  # noqa: F401  (registers the fxdit ops)
-from fxdit.calibration import Factors, weight_fingerprint
-from fxdit.config import FxditConfig
-from fxdit.errors import FxditError
-from fxdit.models.dit import DiT, DiTConfig
 from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, lifted_constants
 from fxdit.passes.find_attention import find_attention
 from fxdit.passes.find_blocks import find_blocks
 from fxdit.passes.insert_lowrank_increments import insert_lowrank_increments
 from fxdit.passes.plan_cache import cache_slots, plan_cache
 from fxdit.passes.record_linear_caches import record_linear_caches
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxdit.calibration import Factors, weight_fingerprint
+from fxdit.config import FxditConfig
+from fxdit.errors import FxditError
+from fxdit.models.dit import DiT, DiTConfig
 
 CACHED = ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out")
 

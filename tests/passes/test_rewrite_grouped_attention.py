@@ -12,13 +12,6 @@ import operator
 
 import pytest
 import torch
-from grat_oracle import capture, grouped_sdpa
-
-import fxdit.models as M
-from fxdit.config import FxditConfig
-from fxdit.errors import FxditError
-from fxdit.models import output_tensor
-from fxdit.models.dit import DiT, DiTConfig
 from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, lifted_constants
 from fxdit.passes.rewrite_grouped_attention import (
     PER_SITE_PERMUTES,
@@ -39,6 +32,13 @@ from fxdit.passes.rewrite_grouped_attention import (
     _why_not,
     rewrite_grouped_attention,
 )
+from grat_oracle import capture, grouped_sdpa
+
+import fxdit.models as M
+from fxdit.config import FxditConfig
+from fxdit.errors import FxditError
+from fxdit.models import output_tensor
+from fxdit.models.dit import DiT, DiTConfig
 
 OP = torch.ops.fxdit.grouped_attention.default
 SDPA = torch._C._nn.scaled_dot_product_attention

@@ -1,4 +1,4 @@
-"""fxdit's graph passes, one per module, each ``verb_object(gm, cfg) -> PassReport``.
+"""The pass pipeline: fxdit's graph passes, one per module, each ``verb_object(gm, cfg) -> PassReport``.
 
 ``PIPELINE`` is the order the backend runs them in. Analysis passes (``find_*``) rewrite nothing; they
 leave records in ``gm.meta["fxdit"]`` for the rewriting passes that follow.
