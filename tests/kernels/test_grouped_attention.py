@@ -1,4 +1,9 @@
-"""Grouped attention: reference, Triton kernel (interpreter on CPU), custom op, CPU decomposition to FlexAttention."""
+"""Grouped attention: reference, Triton kernel (interpreter on CPU), custom op, CPU decomposition to FlexAttention.
+
+Every result is compared with :func:`_gold`, a dense masked softmax computed here in fp64 from a mask built here
+(``adj[q_group[i], kv_group[j]]``, key validity, and, for the block-table tests, which blocks the tables list), so no
+check compares a path with the reference it calls.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch.nn.functional as F
 from fxdit.kernels import grat_layout as L
 from fxdit.kernels import ops
 from fxdit.kernels.grouped_attention import grouped_attention
-from fxdit.kernels.reference import grouped_attention_ref, grouped_dense_mask
+from fxdit.kernels.reference import grouped_attention_ref
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,16 +35,32 @@ def _inputs(layout, *, b=1, hq=2, hkv=2, d=16, dtype=torch.float32, valid=False,
     return q, k, v, kv_valid
 
 
-def _sdpa_oracle(q, k, v, mask, scale):
-    """fp64 SDPA with a dense boolean mask (rows with no key → 0)."""
+def _element_mask(q_group, kv_group, adj, kv_valid=None):
+    """bool ``[Sq, Sk]`` (``[B, 1, Sq, Sk]`` with ``kv_valid``): query i sees key j iff adj[q_group[i], kv_group[j]]."""
+    mask = adj.bool()[q_group.long()[:, None], kv_group.long()[None, :]]
+    if kv_valid is None:
+        return mask
+    return mask[None, None] & kv_valid.bool()[:, None, None, :]
+
+
+def _gold(q, k, v, mask, scale):
+    """fp64 softmax(q·kᵀ·scale) restricted to ``mask``, times v; GQA by head repetition; rows with no key → 0."""
     rep = q.shape[1] // k.shape[1]
-    k = k.double().repeat_interleave(rep, 1)
-    v = v.double().repeat_interleave(rep, 1)
+    q, k, v = q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
     if mask.dim() == 2:
         mask = mask[None, None]
-    out = F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask, scale=scale)
-    empty = ~mask.any(-1, keepdim=True)
-    return torch.where(empty, torch.zeros_like(out), out)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)))
+    weights = weights.masked_fill(~mask, 0.0)
+    denom = weights.sum(-1, keepdim=True)
+    return torch.einsum("bhqk,bhkd->bhqd", weights / torch.where(denom > 0, denom, torch.ones_like(denom)), v)
+
+
+def _sdpa_oracle(q, k, v, mask, scale):
+    """fp64 golden value for a dense boolean mask (see :func:`_gold`)."""
+    return _gold(q, k, v, mask, scale)
 
 
 # --------------------------------------------------------------------------------------------- reference
@@ -60,7 +81,7 @@ def test_reference_equals_masked_sdpa_and_zero_rows():
     adj[1] = False  # query group 1 sees nothing
     q, k, v, kv_valid = _inputs(lay, b=2, valid=True)
     out = grouped_attention_ref(q, k, v, cls, cls, adj, kv_valid, scale=0.4, compute_dtype=torch.float64)
-    mask = grouped_dense_mask(cls, cls, adj, kv_valid)
+    mask = _element_mask(cls, cls, adj, kv_valid)
     torch.testing.assert_close(out, _sdpa_oracle(q, k, v, mask, 0.4).float(), atol=1e-6, rtol=1e-6)
     assert out[:, :, cls == 1].abs().max() == 0
 
@@ -95,7 +116,7 @@ def test_triton_kernel_matches_oracle(case):
     out = grouped_attention(q, k, v, cls, cls, adj, *tables, kv_valid, scale=scale, block_size=bs,
                             check_values=True)
     assert out.dtype == dtype and out.shape == (2, hq, layout.seq_len, d) and out.is_contiguous()
-    gold = _sdpa_oracle(q, k, v, grouped_dense_mask(cls, cls, adj, kv_valid), scale)
+    gold = _sdpa_oracle(q, k, v, _element_mask(cls, cls, adj, kv_valid), scale)
     same = grouped_attention_ref(q, k, v, cls, cls, adj, kv_valid, scale=scale, compute_dtype=None)
     err = (out.double() - gold).abs().max().item()
     err_ref = (same.double() - gold).abs().max().item()
@@ -111,7 +132,7 @@ def test_triton_kernel_non_contiguous_inputs():
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     assert not q.is_contiguous()
     out = grouped_attention(q, k, v, cls, cls, adj, *tables[:4], block_size=16)
-    gold = _sdpa_oracle(q, k, v, grouped_dense_mask(cls, cls, adj), 0.25)
+    gold = _sdpa_oracle(q, k, v, _element_mask(cls, cls, adj), 0.25)
     assert (out.double() - gold).abs().max().item() <= 1e-5
 
 
@@ -179,7 +200,7 @@ def test_triton_kernel_equals_dense_masked_sdpa_random_layouts(params):
     tables = L.block_mask_tables(layout, 16)
     q, k, v, kv_valid = _inputs(layout, hq=2, hkv=hkv, valid=valid)
     out = grouped_attention(q, k, v, cls, cls, adj, *tables[:4], kv_valid, scale=0.25, block_size=16)
-    gold = _sdpa_oracle(q, k, v, grouped_dense_mask(cls, cls, adj, kv_valid), 0.25)
+    gold = _sdpa_oracle(q, k, v, _element_mask(cls, cls, adj, kv_valid), 0.25)
     assert (out.double() - gold).abs().max().item() <= 2e-6
 
 
@@ -193,13 +214,23 @@ def _op_args(layout, *, valid=False, hkv=2, d=16, bs=16, dtype=torch.float32):
     return (q, k, v, cls, cls, adj, *tables[:4], kv_valid, 1.0 / math.sqrt(d), bs)
 
 
-def test_op_cpu_eager_equals_reference_and_fake_strides():
+@pytest.mark.parametrize("valid", [False, True])
+def test_op_cpu_eager_equals_fp64_gold(valid):
+    lay = L.SequenceLayout.text_then_image((4, 8), (2, 4), "grat-x", text_len=7, text_valid=5)
+    args = _op_args(lay, valid=valid, hkv=1, d=12)
+    out = torch.ops.fxdit.grouped_attention(*args)
+    q, k, v, cls, _, adj = args[:6]
+    mask = _element_mask(cls, cls, adj, args[10])
+    assert not mask.all()
+    gold = _gold(q, k, v, mask, args[11])
+    assert out.dtype == torch.float32 and (out.double() - gold).abs().max().item() <= 2e-6
+    assert (out.double() - _gold(q, k, v, torch.ones_like(mask), args[11])).abs().max().item() > 1e-2
+
+
+def test_op_fake_strides():
     lay = L.SequenceLayout.text_then_image((4, 8), (2, 4), "grat-x", text_len=7, text_valid=5)
     args = _op_args(lay, valid=True, hkv=1, d=12)
     out = torch.ops.fxdit.grouped_attention(*args)
-    q, k, v, cls, _, adj, *_rest = args
-    ref = grouped_attention_ref(q, k, v, cls, cls, adj, args[10], scale=args[11])
-    torch.testing.assert_close(out, ref, atol=0, rtol=0)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -245,7 +276,7 @@ def _check_compiled(layout, *, valid, hkv, d, dtype=torch.float32, bs=16):
     result, code = run_and_get_code(lambda: compiled(*tensors))
     out = result[0] if isinstance(result, (list, tuple)) else result
     q, k, v, cls, _, adj = tensors[:6]
-    gold = _sdpa_oracle(q, k, v, grouped_dense_mask(cls, cls, adj, tensors[10]), scale) * 2.0 + 1.0
+    gold = _sdpa_oracle(q, k, v, _element_mask(cls, cls, adj, tensors[10]), scale) * 2.0 + 1.0
     same = grouped_attention_ref(q, k, v, cls, cls, adj, tensors[10], scale=scale, compute_dtype=None) * 2.0 + 1.0
     err = (out.double() - gold).abs().max().item()
     err_ref = (same.double() - gold).abs().max().item()
@@ -260,7 +291,7 @@ def test_decomposition_eager_semantics(valid, hkv, d):
     args = _op_args(lay, valid=valid, hkv=hkv, d=d)
     out = ops._grouped_attention_decomp(*args)
     q, k, v, cls, _, adj = args[:6]
-    gold = _sdpa_oracle(q, k, v, grouped_dense_mask(cls, cls, adj, args[10]), args[11])
+    gold = _sdpa_oracle(q, k, v, _element_mask(cls, cls, adj, args[10]), args[11])
     assert (out.double() - gold).abs().max().item() <= 2e-6
 
 
@@ -283,6 +314,110 @@ def test_decompositions_only_when_op_present():
     assert ops.decompositions_for(gm) == {} or torch.ops.fxdit.grouped_attention.default not in ops.decompositions_for(
         gm)
     assert ops.inductor_patches_for(gm) == {}
+
+
+# --------------------------------------------------------------------------------------------- block tables
+#
+# The tables are authoritative: a listed *full* block is computed without the element mask, a listed *partial* block
+# with it, an unlisted block is skipped. fxdit always builds tables consistent with the adjacency; these tests give
+# inconsistent ones on purpose, so a path that ignored the tables (masking element-wise everywhere) or applied the
+# element mask inside full blocks would fail. Classes and adjacency are drawn here (8 tokens per class, random
+# adjacency), independent of grat_layout.
+
+_BS = 16
+
+
+def _block_setup(seq=80, classes_of=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.arange(seq, dtype=torch.int32) // classes_of
+    n = int(cls.max()) + 1
+    adj = torch.rand(n, n, generator=g) < 0.45
+    adj[torch.arange(n), torch.arange(n)] = True
+    elem = _element_mask(cls, cls, adj)
+    nb = -(-seq // _BS)
+    pad = torch.zeros(nb * _BS, nb * _BS, dtype=torch.bool)
+    pad[:seq, :seq] = elem
+    visible = pad.view(nb, _BS, nb, _BS).sum((1, 3))
+    full, partial = visible == _BS * _BS, (visible > 0) & (visible < _BS * _BS)
+    assert full.any() and partial.any()
+    return cls, adj, elem, full, partial
+
+
+def _encode(flags):
+    """BlockMask tables from block flags ``[Qb, Kb]``: ``num [1, 1, Qb]``, ``indices [1, 1, Qb, Kb]`` (listed ids
+    ascending, then the unlisted ones)."""
+    num = flags.sum(-1).to(torch.int32)
+    idx = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num[None, None].contiguous(), idx[None, None].contiguous()
+
+
+def _expand(flags, seq):
+    return flags.repeat_interleave(_BS, 0).repeat_interleave(_BS, 1)[:seq, :seq]
+
+
+def _table_cases(cls, elem, full, partial):
+    """``(name, full_flags, partial_flags, mask the tables define)`` for the two inconsistent-table cases."""
+    seq = cls.numel()
+    qb, kb = torch.meshgrid(torch.arange(full.shape[0]), torch.arange(full.shape[1]), indexing="ij")
+    # (a) omit listed blocks that the adjacency allows: every third block (the rest stay listed)
+    drop = (qb + 2 * kb) % 3 == 0
+    omit_full, omit_partial = full & ~drop, partial & ~drop
+    omit_mask = elem & _expand(omit_full | omit_partial, seq)
+    assert (elem & ~omit_mask).any()
+    # (b) promote every other partial block to FULL: its masked-out elements become visible
+    promote = partial & ((qb + kb) % 2 == 0)
+    assert promote.any()
+    prom_full, prom_partial = full | promote, partial & ~promote
+    prom_mask = elem | _expand(promote, seq)
+    assert (prom_mask & ~elem).any()
+    return [("omitted", omit_full, omit_partial, omit_mask), ("promoted", prom_full, prom_partial, prom_mask)]
+
+
+def _check_follows_tables(run, *, valid, hkv=1, rtol_err=2e-6):
+    cls, adj, elem, full, partial = _block_setup()
+    seq = cls.numel()
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, seq, 16, generator=g)
+    k = torch.randn(2, hkv, seq, 16, generator=g)
+    v = torch.randn(2, hkv, seq, 16, generator=g)
+    kv_valid = torch.rand(2, seq, generator=g) > 0.2 if valid else None
+    valid_mask = torch.ones(2, 1, 1, seq, dtype=torch.bool) if kv_valid is None else kv_valid[:, None, None, :]
+    for name, f_flags, p_flags, mask in _table_cases(cls, elem, full, partial):
+        kv_num, kv_idx = _encode(p_flags)
+        f_num, f_idx = _encode(f_flags)
+        out = run(q, k, v, cls, cls, adj, kv_num, kv_idx, f_num, f_idx, kv_valid, 0.25).double()
+        gold = _gold(q, k, v, mask[None, None] & valid_mask, 0.25)
+        adjacency = _gold(q, k, v, elem[None, None] & valid_mask, 0.25)
+        assert (out - gold).abs().max().item() <= rtol_err, name
+        assert (out - adjacency).abs().max().item() > 1e-2, name  # the tables changed the result
+
+
+@pytest.mark.parametrize("valid,hkv", [(False, 2), (True, 1)])
+def test_triton_kernel_follows_block_tables(valid, hkv):
+    def run(q, k, v, qg, kg, adj, kv_num, kv_idx, f_num, f_idx, kv_valid, scale):
+        return grouped_attention(q, k, v, qg, kg, adj, kv_num, kv_idx, f_num, f_idx, kv_valid, scale=scale,
+                                 block_size=_BS, check_values=True)
+
+    _check_follows_tables(run, valid=valid, hkv=hkv)
+
+
+def test_compiled_flex_lowering_follows_block_tables():
+    """The CPU lowering (inductor's compiled FlexAttention; eager FlexAttention evaluates the mask everywhere and
+    ignores the tables, so only the compiled path is checked here). One compile serves both cases: the tables are
+    graph inputs."""
+    compiled = {}
+
+    def run(q, k, v, qg, kg, adj, kv_num, kv_idx, f_num, f_idx, kv_valid, scale):
+        def fn(q, k, v, qg, kg, adj, a, b, c, e):
+            return torch.ops.fxdit.grouped_attention(q, k, v, qg, kg, adj, a, b, c, e, None, scale, _BS)
+
+        args = (q, k, v, qg, kg, adj, kv_num, kv_idx, f_num, f_idx)
+        if "fn" not in compiled:
+            compiled["fn"] = _compile_with_backend_decompositions(fn, args)
+        out = compiled["fn"](*args)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    _check_follows_tables(run, valid=False, hkv=2, rtol_err=1e-5)
 
 
 _AOT_SCRIPT = r"""
