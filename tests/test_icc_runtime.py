@@ -5,8 +5,6 @@ import os
 import fxdit.kernels.ops  # noqa: F401
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 import fxdit
 import fxdit.models
@@ -42,16 +40,35 @@ def kinds(v):
     return [k == "full" for k, _ in v.log]
 
 
-@given(period=st.integers(1, 5), warmup=st.integers(0, 3), cooldown=st.integers(0, 3), n=st.integers(1, 12))
-def test_schedule_fires_on_configured_steps(period, warmup, cooldown, n):
-    sched = ScheduleConfig(period=period, warmup=warmup, cooldown=cooldown, num_steps=n)
-    v, rt = make(sched, )
+#: Schedules with their full steps written out by hand: (options, steps per run, full or not per step).
+SCHEDULES = [
+    ({"period": 1}, 3, [True, True, True]),
+    ({"period": 2}, 6, [True, False, True, False, True, False]),
+    ({"period": 3, "warmup": 2}, 7, [True, True, False, True, False, False, True]),
+    ({"period": 3, "warmup": 1, "cooldown": 2}, 8, [True, False, False, True, False, False, True, True]),
+    ({"period": 4, "cooldown": 1}, 5, [True, False, False, False, True]),
+    ({"period": 5, "cooldown": 3}, 4, [True, True, True, True]),
+    ({"period": 2, "warmup": 3, "cooldown": 1}, 7, [True, True, True, False, True, False, True]),
+    ({"full_steps": (0, 2, 3), "cooldown": 1}, 6, [True, False, True, True, False, True]),
+    ({"full_steps": (0, 4), "warmup": 2}, 6, [True, True, False, False, True, False]),
+    ({"period": 3}, 5, [True, False, False, True, False]),
+]
+
+
+@pytest.mark.parametrize("options,n,expected", SCHEDULES)
+def test_is_full_on_literal_schedules(options, n, expected):
+    sched = ScheduleConfig(num_steps=n, **options)
+    assert [sched.is_full(s) for s in range(n)] == expected
+
+
+@pytest.mark.parametrize("options,n,expected", SCHEDULES)
+def test_schedule_fires_on_configured_steps(options, n, expected):
+    v, rt = make(ScheduleConfig(num_steps=n, **options))
     x = torch.zeros(1, 2)
     for step in range(2 * n):  # two runs back to back: num_steps restarts the count
         rt(x, torch.tensor([float(1000 - step)]))
-    expected = [sched.is_full(s) for s in range(n)] * 2
-    assert kinds(v) == expected
-    assert rt.stats.full_calls == sum(expected) and rt.stats.cached_calls == 2 * n - sum(expected)
+    assert kinds(v) == expected * 2
+    assert rt.stats.full_calls == 2 * sum(expected) and rt.stats.cached_calls == 2 * (n - sum(expected))
     assert rt.stats.runs == 2
 
 

@@ -1,8 +1,16 @@
 """ICC graph passes: plan_cache, record_linear_caches, insert_lowrank_increments (graph level, no inductor).
 
-The cached variant is run eagerly (the FX graph itself; fxdit::lowrank_increment's CPU path is the reference)
-against the full variant at the same inputs: with weights that are exactly rank r and rank-r SVD factors the
-increment path reproduces the full step, for every cached role and form.
+The full variant fills the caches at one input; the cached variant then runs at *another* input (new latents,
+timesteps and labels) with those caches, so ``X − X_c ≠ 0`` at every cached linear. It is compared with
+
+* the eager ICC oracle (tests/icc_oracle.py: the model with each cached linear hooked to return
+  ``Y_c + (X − X_c)·Bᵀ·Aᵀ``), on ordinary random weights and low-rank factors, where a cached step is lossy
+  (it must also differ from the full computation at the new input);
+* the full computation at the new input, on weights of exactly rank r with rank-r factors (any correct
+  increment is exact there).
+
+Wrong factors (sign-flipped, q/k swapped, transposed) must fail these comparisons; at the input that filled the
+caches they would not (``X − X_c = 0``).
 """
 
 import fxdit.kernels.ops  # noqa: F401  (registers the fxdit ops)
@@ -17,6 +25,7 @@ from fxdit.passes.plan_cache import cache_slots, plan_cache
 from fxdit.passes.record_linear_caches import record_linear_caches
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from icc_oracle import IccOracle
 
 from fxdit.calibration import Factors, weight_fingerprint
 from fxdit.config import FxditConfig
@@ -24,6 +33,10 @@ from fxdit.errors import FxditError
 from fxdit.models.dit import DiT, DiTConfig
 
 CACHED = ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out")
+#: The reference DiT's block linears by role (module path inside a block).
+ROLE_MODULES = {"qkv": "attn.qkv", "attn_out": "attn.proj", "mlp_in": "mlp.fc1", "mlp_out": "mlp.fc2"}
+#: fp32 agreement of the cached variant with the oracle / the exact computation, relative to the output scale.
+TOL = 1e-5
 
 
 def capture(model, *args, inside=None):
@@ -95,8 +108,31 @@ def cfg_for(factors, **cache):
                                      "on_pass_error": "raise"})
 
 
-def run_variants(work, example_inputs, cfg):
-    """Outputs of the original graph, the full variant, and the cached variant fed the full variant's caches."""
+def inputs_for(seed, batch=2, size=(8, 8), classes=4):
+    """``(x, t, y)`` for the reference DiT: latents, one timestep per row, labels (the null class included)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, *size, generator=g)
+    t = 100.0 + 800.0 * torch.rand(batch, generator=g)
+    y = torch.randint(0, classes + 1, (batch,), generator=g)
+    return x, t, y
+
+
+def substitute(example_inputs, old, new):
+    """The graph's example inputs with the user inputs ``old`` (by identity) replaced by ``new``."""
+    swap = {id(o): n for o, n in zip(old, new)}
+    assert len([t for t in example_inputs if id(t) in swap]) == len(old)
+    return [swap.get(id(t), t) for t in example_inputs]
+
+
+def run_variants(work, example_inputs, cfg, new_inputs):
+    """Run the ICC variants of ``work``: the full variant at ``example_inputs`` (it fills the caches), the cached
+    variant at ``new_inputs`` with those caches.
+
+    Returns:
+        dict: ``ref`` / ``ref_new`` (the original graph at both inputs), ``full`` (the full variant's user
+        outputs), ``cached`` (the cached variant at the new inputs), ``cached_same`` (at the filling inputs),
+        the reports and graph modules of both variants.
+    """
     plan = fxdit_meta(work)["cache_plan"]
     full = fresh_copy(work)
     rep_full = record_linear_caches(full, cfg)
@@ -104,12 +140,29 @@ def run_variants(work, example_inputs, cfg):
     rep_cached = insert_lowrank_increments(cached, cfg)
     with torch.no_grad():
         ref = work(*example_inputs)
+        ref_new = work(*new_inputs)
         out_full = full(*example_inputs, *lifted_constants(full))
         n = rep_full.details["user_outputs"]
         caches = list(out_full[n:])
         assert len(caches) == len(cache_slots(plan))
-        out_cached = cached(*example_inputs, *caches, *lifted_constants(cached))
-    return ref, out_full[:n], out_cached, rep_full, rep_cached, full, cached
+        out_cached = cached(*new_inputs, *caches, *lifted_constants(cached))
+        out_same = cached(*example_inputs, *caches, *lifted_constants(cached))
+    return {"ref": ref, "ref_new": ref_new, "full": out_full[:n], "cached": out_cached, "cached_same": out_same,
+            "rep_full": rep_full, "rep_cached": rep_cached, "full_gm": full, "cached_gm": cached}
+
+
+def oracle_output(model, factors, modules, old, new):
+    """The eager ICC oracle: a full step at ``old`` (fills the caches), then a cached step at ``new``."""
+    oracle = IccOracle(model, factors, full_steps={0}, modules=modules)
+    with torch.no_grad():
+        oracle.begin_step(0)
+        oracle(*old)
+        oracle.begin_step(1)
+        return oracle(*new)
+
+
+def max_err(a, b):
+    return float((a - b).abs().max())
 
 
 @settings(max_examples=10)  # each example captures a Dynamo graph (~1-3 s on the shared CPU)
@@ -120,10 +173,8 @@ def run_variants(work, example_inputs, cfg):
 def test_increment_exact_for_exact_lowrank_weights(depth, hidden, heads, rank, qkv, roles, form):
     cfg_model = DiTConfig(depth=depth, hidden=hidden, heads=heads, input_size=(8, 8), num_classes=4)
     model = lowrank_model(cfg_model, rank)
-    x = torch.randn(2, 4, 8, 8)
-    t = torch.tensor([500.0, 500.0])
-    y = torch.tensor([1, 2])
-    gm, inputs = capture(model, x, t, y)
+    old, new = inputs_for(1), inputs_for(2)
+    gm, inputs = capture(model, *old)
     work = analysed(gm)
     factors = svd_factors(model, work, rank=None, qkv=qkv)
     # Truncate to the weights' exact rank (full-rank factors would be planned "exact", leaving the graph alone);
@@ -141,13 +192,87 @@ def test_increment_exact_for_exact_lowrank_weights(depth, hidden, heads, rank, q
     assert {e["role"] for e in plan["entries"]} == set(roles)
     assert not any(e["exact"] for e in plan["entries"])
     plan["form"] = form
-    ref, full, cached, rep_full, rep_cached, full_gm, cached_gm = run_variants(work, inputs, cfg)
-    torch.testing.assert_close(full[0], ref[0], rtol=0, atol=0)
-    scale = ref[0].abs().max()
-    assert (cached[0] - ref[0]).abs().max() <= 2e-5 * max(1.0, float(scale))
-    assert rep_full.rewritten == rep_cached.rewritten == len(plan["entries"])
-    full_gm.graph.lint()
-    cached_gm.graph.lint()
+    out = run_variants(work, inputs, cfg, substitute(inputs, old, new))
+    torch.testing.assert_close(out["full"][0], out["ref"][0], rtol=0, atol=0)
+    ref_new = out["ref_new"][0]
+    scale = max(1.0, float(ref_new.abs().max()))
+    assert max_err(ref_new, out["ref"][0]) > 0.1 * scale  # the cached step sees another input
+    assert max_err(out["cached"][0], ref_new) <= 2 * TOL * scale
+    assert out["rep_full"].rewritten == out["rep_cached"].rewritten == len(plan["entries"])
+    out["full_gm"].graph.lint()
+    out["cached_gm"].graph.lint()
+
+
+@pytest.fixture(scope="module")
+def tiny_random():
+    """A reference DiT with ordinary random weights (no low-rank structure), captured once."""
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(depth=2, hidden=32, heads=2, input_size=(8, 8), num_classes=4)).eval()
+    old = inputs_for(1)
+    gm, inputs = capture(model, *old)
+    return model, gm, inputs, old
+
+
+def planned_random(tiny_random, qkv="separate", roles=tuple(ROLE_MODULES), form="x", rank=4, bad=None):
+    """Plan ICC on ``tiny_random`` with rank-``rank`` SVD factors (``bad(factors) -> Factors`` spoils the ones the
+    graph gets) and run the variants; returns ``(variant outputs, oracle output, scale)``."""
+    model, gm, inputs, old = tiny_random
+    new = inputs_for(2)
+    work = analysed(gm)
+    factors = svd_factors(model, work, rank=rank, qkv=qkv)
+    cfg = cfg_for(bad(factors) if bad else factors, roles=list(roles), qkv=qkv)
+    plan_cache(work, cfg)
+    plan = fxdit_meta(work)["cache_plan"]
+    modules = {f"blocks.{b}.{ROLE_MODULES[r]}" for b in range(2) for r in roles}
+    assert {e["module"] for e in plan["entries"]} == modules and not any(e["exact"] for e in plan["entries"])
+    plan["form"] = form
+    out = run_variants(work, inputs, cfg, substitute(inputs, old, new))
+    want = oracle_output(model, factors, modules, old, new)
+    return out, want, max(1.0, float(out["ref_new"][0].abs().max()))
+
+
+@pytest.mark.parametrize("qkv,roles,form", [
+    ("separate", tuple(ROLE_MODULES), "x"),
+    ("joint", tuple(ROLE_MODULES), "projcache"),
+    ("separate", ("qkv", "mlp_out"), "projcache"),
+    ("joint", ("attn_out", "mlp_in"), "x"),
+])
+def test_cached_variant_matches_oracle_and_is_lossy(tiny_random, qkv, roles, form):
+    out, want, scale = planned_random(tiny_random, qkv=qkv, roles=roles, form=form)
+    torch.testing.assert_close(out["full"][0], out["ref"][0], rtol=0, atol=0)
+    assert max_err(out["cached"][0], want) <= TOL * scale
+    assert max_err(out["cached"][0], out["ref_new"][0]) > 100 * TOL * scale  # rank 4 of 32: lossy
+
+
+def _flip_a(factors):
+    return Factors({k: (-factors.get(k)[0], factors.get(k)[1]) for k in factors.keys()},
+                   fingerprint=factors.fingerprint)
+
+
+def _swap_qk(factors):
+    facs = {k: factors.get(k) for k in factors.keys()}
+    for block in range(2):
+        q, k = f"blocks.{block}.attn.qkv:q", f"blocks.{block}.attn.qkv:k"
+        facs[q], facs[k] = facs[k], facs[q]
+    return Factors(facs, fingerprint=factors.fingerprint)
+
+
+def _transpose_square(factors):
+    """Factors of Wᵀ instead of W for every square weight (q/k/v thirds and proj): ``(Bᵀ, Aᵀ)``."""
+    facs = {}
+    for k in factors.keys():
+        a, b = factors.get(k)
+        facs[k] = (b.t().contiguous(), a.t().contiguous()) if a.shape[0] == b.shape[1] else (a, b)
+    return Factors(facs, fingerprint=factors.fingerprint)
+
+
+@pytest.mark.parametrize("bad", [_flip_a, _swap_qk, _transpose_square], ids=["sign", "qk_swapped", "transposed"])
+def test_wrong_factors_fail_the_comparison(tiny_random, bad):
+    """The comparison has teeth: the graph built from spoiled factors disagrees with the oracle at the new input,
+    though at the input that filled the caches it still reproduces the original graph."""
+    out, want, scale = planned_random(tiny_random, bad=bad)
+    assert max_err(out["cached_same"][0], out["ref"][0]) <= TOL * scale  # X − X_c = 0 hides any factors
+    assert max_err(out["cached"][0], want) > 10 * TOL * scale
 
 
 @pytest.fixture(scope="module")
@@ -225,14 +350,23 @@ def test_passes_idempotent_and_mark_nodes(tiny):
     assert kinds == sorted(kinds)
 
 
-def test_reuse_mode_outputs_cached_y(tiny):
-    model, gm, inputs = tiny
+def test_reuse_mode_outputs_cached_y(tiny_random):
+    """Reuse mode returns Y_c: the oracle with zero factors, at an input other than the one that filled the caches."""
+    model, gm, inputs, old = tiny_random
+    new = inputs_for(2)
     work = analysed(gm)
     cfg = FxditConfig.from_options({"cache": {"mode": "reuse", "schedule": {"period": 2}}, "on_pass_error": "raise"})
     plan_cache(work, cfg)
-    ref, full, cached, rep_full, rep_cached, _, cached_gm = run_variants(work, inputs, cfg)
-    assert rep_full.details["cache_outputs"] == 8
-    torch.testing.assert_close(cached[0], ref[0], rtol=1e-5, atol=1e-5)
+    out = run_variants(work, inputs, cfg, substitute(inputs, old, new))
+    assert out["rep_full"].details["cache_outputs"] == 8
+    modules = {f"blocks.{b}.{m}" for b in range(2) for m in ROLE_MODULES.values()}
+    zero = {m: (torch.zeros(model.get_submodule(m).weight.shape[0], 1),
+                torch.zeros(1, model.get_submodule(m).weight.shape[1])) for m in modules}
+    want = oracle_output(model, zero, modules, old, new)
+    scale = max(1.0, float(out["ref_new"][0].abs().max()))
+    assert max_err(out["cached"][0], want) <= TOL * scale
+    assert max_err(out["cached"][0], out["ref_new"][0]) > 100 * TOL * scale
+    cached_gm = out["cached_gm"]
     assert sum(n.target is torch._C._nn.linear for n in cached_gm.graph.nodes) == (
         sum(n.target is torch._C._nn.linear for n in work.graph.nodes) - 8)
 
