@@ -21,6 +21,27 @@ settings.load_profile(os.environ.get("FXDIT_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
+def _pass_errors_raise(monkeypatch):
+    """Tests compile with ``on_pass_error="raise"`` unless their options say otherwise: with the user default
+    (``"fallback"``) a bug in a pass would only drop the pass with a warning and the test could still pass. Tests of
+    the fallback itself set ``"fallback"`` explicitly. A typed ``FxditConfig`` given directly keeps its own value."""
+    from collections.abc import Mapping
+
+    from fxdit.config import FxditConfig
+
+    original = FxditConfig.from_mapping.__func__
+
+    def from_mapping(cls, options):
+        if options is None:
+            options = {}
+        if isinstance(options, Mapping) and "on_pass_error" not in options:
+            options = {**options, "on_pass_error": "raise"}
+        return original(cls, options)
+
+    monkeypatch.setattr(FxditConfig, "from_mapping", classmethod(from_mapping))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_state():
     """Seed, a clean Dynamo cache and clean fxdit counters/registry for every test."""
     from fxdit import registry
