@@ -123,12 +123,13 @@ def sequence_mask(layout: ModelLayout, grid: Sequence[int], group: Sequence[int]
 
 
 def _options(cfg: Any) -> Any:
-    """The ``attention`` options of an ``FxditConfig`` or of an options mapping (validated by ``FxditConfig``)."""
+    """The ``attention`` options of an ``FxditConfig``, of an options mapping (validated by ``FxditConfig``), or
+    ``cfg`` itself when it already is the attention options."""
     if isinstance(cfg, Mapping):
         from fxdit.config import FxditConfig
 
         cfg = FxditConfig.from_options(cfg)
-    return cfg.attention
+    return cfg if hasattr(cfg, "min_tokens") else cfg.attention
 
 
 def _group(grid: tuple[int, ...], group: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -298,7 +299,7 @@ def grouped_sdpa(model: torch.nn.Module, cfg: Any, *, layout: ModelLayout | None
 
     def masked(orig: Any, call: Call, bound: dict[str, Any]) -> torch.Tensor:
         lay = state["layout"]
-        reason = why_dense(call, lay, att_cfg)
+        reason = why_dense(call, lay, att)
         counts["calls"] += 1
         counts["reasons"].append(reason)
         if reason is None:
@@ -313,7 +314,6 @@ def grouped_sdpa(model: torch.nn.Module, cfg: Any, *, layout: ModelLayout | None
             counts["masked"] += 1
         return orig(**bound)
 
-    att_cfg = cfg
     try:
         with _patched_sdpa(model, masked):
             yield counts

@@ -100,18 +100,22 @@ def test_adjacency_rejects_unknown_mode():
 def _brute_mask(layout: L.SequenceLayout):
     """The element mask by the official predicates (grat.md §2.4), position by position."""
     s = layout.seq_len
-    adj = L.group_adjacency(layout.grid, layout.group, layout.mode, layout.radius)
-    perm, _ = L.group_permutation(layout.grid, layout.group)
+    adj = _brute_adjacency(layout.grid, layout.group, layout.mode, layout.radius)
+    g3 = layout.grid if len(layout.grid) == 3 else (1, *layout.grid)
+    s3 = layout.group if len(layout.group) == 3 else (1, *layout.group)
+    ng = [a // b for a, b in zip(g3, s3)]
     g = layout.group_tokens
-    pos_inv = torch.empty_like(perm)
-    pos_inv[perm] = torch.arange(perm.numel())
     padded = set()
     for a, b in layout.text_pad:
         padded.update(range(a, b))
 
     def img_group(i):
         r = i - layout.image_start
-        return r // g if layout.permuted else int(pos_inv[r]) // g
+        if layout.permuted:  # group order: groups are contiguous runs of g tokens
+            return r // g
+        t, rem = divmod(r, g3[1] * g3[2])  # raster order: the token's (t, h, w) gives its group
+        h, w = divmod(rem, g3[2])
+        return ((t // s3[0]) * ng[1] + h // s3[1]) * ng[2] + w // s3[2]
 
     out = torch.zeros(s, s, dtype=torch.bool)
     for i in range(s):
