@@ -1,6 +1,9 @@
 """One rank of a context-parallel test run (gloo on CPU); started by tests/test_parallel.py and tools/bench_parallel.py.
 
-``python tests/parallel_worker.py RANK WORLD PORT OUTDIR CASE[,CASE...] [--inductor] [--timeout S]``
+``python tests/parallel_worker.py RANK WORLD STORE OUTDIR CASE[,CASE...] [--inductor] [--timeout S]``
+
+``STORE`` is a file path, new for each run: the ranks meet through a ``FileStore`` there rather than a TCP port,
+so two runs started at once (tests in parallel, a benchmark beside the tests) can never join each other.
 
 Every case builds the same seeded tiny reference DiT and inputs (:func:`build`), compiles it with
 ``backend="fxdit"`` and the case's options plus ``{"parallel": {"mode": ...}}``, runs the case's steps and saves
@@ -120,12 +123,12 @@ def run(name: str, parallel: dict[str, Any] | None, *, rank: int = 0) -> dict[st
 def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
-    rank, world, port, outdir, cases = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4].split(",")
+    rank, world, store, outdir, cases = int(argv[0]), int(argv[1]), argv[2], argv[3], argv[4].split(",")
     inductor = "--inductor" in argv
     timeout = float(argv[argv.index("--timeout") + 1]) if "--timeout" in argv else 60.0
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        dist.init_process_group("gloo", init_method=f"file://{os.path.abspath(store)}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         if not inductor:
             python_lower()

@@ -1,16 +1,15 @@
 """Context parallelism (``parallel`` option, ``shard_tokens`` pass, ``fxdit.kernels.halo``) with gloo on CPU.
 
-Multi-process cases start 2 or 4 processes of ``tests/parallel_worker.py`` (one per rank, a free TCP port, gloo with
-``timeout=`` set, a bounded wait here) and compare what every rank returns with the single-process compiled output of
-the same case computed in this process. The workers run the real backend with inductor left out (the ``no_inductor``
-patch); one case compiles with inductor. All of them run in the default suite (about 2 minutes together), so CI
-runs the 2- and 4-process cases.
+Multi-process cases start 2 or 4 processes of ``tests/parallel_worker.py`` (one per rank, meeting through a rendezvous
+file of their own, gloo with ``timeout=`` set, a bounded wait here) and compare what every rank returns with the
+single-process compiled output of the same case computed in this process. The workers run the real backend with
+inductor left out (the ``no_inductor`` patch); one case compiles with inductor. All of them run in the default suite
+(about 2 minutes together), so CI runs the 2- and 4-process cases.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,21 +33,15 @@ import parallel_worker as pw  # noqa: E402
 RUN_TIMEOUT = 900
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path: Path, world: int, cases: list[str], *extra: str) -> tuple[list[int], dict[int, str], float]:
     """Run the workers; return exit codes, error texts by rank, and the wall time of the run."""
-    port = _free_port()
+    store = Path(tempfile.mkdtemp(prefix="fxdit_rdzv_", dir=tmp_path)) / "store"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     # One inductor cache per rank: ranks compiling the same kernel at once into one cache load each other's
     # half-written .so ("file too short").
     cache = Path(tempfile.gettempdir()) / "fxdit_parallel_inductor"
-    procs = [subprocess.Popen([sys.executable, str(HERE / "parallel_worker.py"), str(r), str(world), str(port),
+    procs = [subprocess.Popen([sys.executable, str(HERE / "parallel_worker.py"), str(r), str(world), str(store),
                                str(tmp_path), ",".join(cases), *extra],
                               env={**env, "TORCHINDUCTOR_CACHE_DIR": str(cache / f"rank{r}")},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
