@@ -708,11 +708,17 @@ class _Plan:
 
 
 class _Constants:
-    """Index vectors and layouts, built once per distinct key and lifted once per tensor."""
+    """Index vectors and layouts, built once per distinct key and lifted once per tensor.
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    Tables are built on the CPU and lifted on ``device``, the device of the attention sites' tensors: an index
+    vector or a block table on another device than the activations fails at compile or launch time.
+    """
+
+    def __init__(self, gm: fx.GraphModule, device: torch.device) -> None:
         self.gm = gm
+        self.device = device
         self._vec: dict[tuple, torch.Tensor] = {}
+        self._moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layouts: set[tuple] = set()
 
     def vector(self, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -721,7 +727,22 @@ class _Constants:
         return self._vec[key]
 
     def lift(self, name: str, t: torch.Tensor) -> fx.Node:
+        if t.device != self.device:
+            key = id(t)
+            if key not in self._moved:
+                self._moved[key] = (t, t.to(self.device))  # keeps t alive, so id(t) stays unique
+            t = self._moved[key][1]
         return lift_constant(self.gm, name, t)
+
+
+def _sites_device(plans: list[_Plan]) -> torch.device:
+    """The device of the first rewritten site's query (every site of one graph runs on one device)."""
+    for plan in plans:
+        for arg in (*plan.node.args, *plan.node.kwargs.values()):
+            val = arg.meta.get("val", arg.meta.get("example_value")) if isinstance(arg, fx.Node) else None
+            if isinstance(val, torch.Tensor):
+                return val.device
+    return torch.device("cpu")
 
 
 def _segment_perm(size: int, offset: int, perm: torch.Tensor) -> torch.Tensor:
@@ -779,7 +800,7 @@ def rewrite_grouped_attention(gm: fx.GraphModule, cfg: FxditConfig) -> PassRepor
 
     assert grid is not None and group is not None
     perm, inv = gl.group_permutation(grid, group)
-    consts = _Constants(gm)
+    consts = _Constants(gm, _sites_device(plans))
     meta = _Meta(gm)
 
     flow, reason = _plan_hoisting(gm, grid_rec, grid, sites, live, plans, nodes)
