@@ -49,7 +49,7 @@ def _interpreting() -> bool:
 
 # Tiles: BLOCK_M 64/128 × BLOCK_N 32/64 are the usual flash-attention shapes for head dims ≤ 128 on A100/H100
 # (tutorial 06 and FlexAttention's defaults: BLOCK_M=128, BLOCK_N=64, 8 warps, 3 stages for bf16 d=128). The list is
-# kept small so autotuning stays quick; it has not been tuned on a GPU yet (no GPU was lent to this task).
+# kept small so autotuning stays quick; it has not been tuned on a GPU yet.
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
     for bm in (64, 128)

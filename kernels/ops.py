@@ -28,7 +28,7 @@ import torch.fx as fx
 from fxdit.kernels.reference import grouped_attention_ref
 from torch import Tensor
 
-__all__ = ["grouped_attention", "decompositions_for", "inductor_patches_for"]
+__all__ = ["grouped_attention", "grouped_attention_unsupported", "decompositions_for", "inductor_patches_for"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,37 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------------
 # fxdit::grouped_attention
 # ---------------------------------------------------------------------------------------------------------------
+
+
+#: Devices with an implementation of fxdit::grouped_attention ("meta": shapes only, for tracing).
+GROUPED_ATTENTION_DEVICES = ("cpu", "cuda", "meta")
+
+
+def grouped_attention_unsupported(device: torch.device | str, dtype: torch.dtype, head_dim: int,
+                                  value_dim: int) -> str | None:
+    """Why ``fxdit::grouped_attention`` cannot run attention of this kind (``None`` when it can).
+
+    Ask before rewriting a site into the op, so that a site the kernel cannot take stays dense with this reason
+    instead of failing at compile or launch time.
+
+    Args:
+        device: the device of q/k/v.
+        dtype: their dtype.
+        head_dim: the q/k head dimension; ``value_dim``: v's.
+    """
+    kind = torch.device(device).type
+    if kind not in GROUPED_ATTENTION_DEVICES:
+        return f"no grouped-attention kernel for device {kind!r}"
+    if kind == "cuda":
+        from fxdit.kernels.grouped_attention import _DTYPES, MAX_HEAD_DIM
+
+        if dtype not in _DTYPES:
+            return f"Triton kernel: dtype {dtype} not supported (fp16, bf16, fp32)"
+        if not (1 <= head_dim <= MAX_HEAD_DIM and 1 <= value_dim <= MAX_HEAD_DIM):
+            return f"Triton kernel: head dims {head_dim}/{value_dim} outside 1..{MAX_HEAD_DIM}"
+    elif not dtype.is_floating_point:
+        return f"dtype {dtype} is not a floating-point type"
+    return None
 
 
 @torch.library.custom_op("fxdit::grouped_attention", mutates_args=())

@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from fxdit.kernels import grat_layout as gl
-from fxdit.kernels import ops as _ops  # noqa: F401 - registers torch.ops.fxdit.grouped_attention
+from fxdit.kernels import ops as _ops  # registers torch.ops.fxdit.grouped_attention
 from fxdit.passes._base import PassReport, ReportBuilder
 from fxdit.passes._fx_utils import (
     fake_value,
@@ -172,6 +172,11 @@ def _why_not(site: AttentionSite, grid: tuple[int, ...] | None, cfg: FxditConfig
         mask_node = nodes.get(site.mask)
         if not _key_padding_shape(shape_of(mask_node), site.batch, site.kv_len):
             return R_BOOL_MASK
+    q_val, v_val = fake_value(nodes.get(site.q)), fake_value(nodes.get(site.v))
+    if isinstance(q_val, torch.Tensor) and isinstance(v_val, torch.Tensor):
+        reason = _ops.grouped_attention_unsupported(q_val.device, q_val.dtype, q_val.shape[-1], v_val.shape[-1])
+        if reason is not None:
+            return f"kernel: {reason}"
     return None
 
 
