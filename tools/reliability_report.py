@@ -1,6 +1,6 @@
-"""Reliability report (issue 8): the bad-input catalogue, fuzz counts, state tests, defects found and fixed.
+"""Reliability report: the bad-input catalogue, fuzz counts, state tests, defects found and fixed.
 
-    .venv/bin/python tools/reliability_report.py --profile slow          # >= 200 examples per property
+    .venv/bin/python tools/reliability_report.py --profile slow          # 200 examples per property
     .venv/bin/python tools/reliability_report.py --profile ci --out -    # 25, print only
 
 Sections of ``benchmarks/reliability.md``:
@@ -8,17 +8,23 @@ Sections of ``benchmarks/reliability.md``:
 1. the bad-input catalogue: every row of ``tests/test_hardening.py``'s ``OPTION_CATALOGUE`` and ``FACTOR_CATALOGUE``
    with the exact FxditError message it gives (options through ``FxditConfig.from_options``; factor sources
    through ``torch.compile(..., backend="fxdit")`` and the compiled model's first call, inductor left out);
-2. fuzz counts per property of ``tests/test_fuzz.py`` (cases run, passed, FxditError, other errors by type, and
-   the first message of each other error): the same ``check_*`` functions the tests run, under hypothesis with the
-   profile's example count, counting instead of failing;
+2. fuzz counts per property of ``tests/test_fuzz.py``: cases generated, passed, refused (FxditError), other
+   errors by type, and the first message of each other error; the same ``check`` functions the tests run, under
+   hypothesis, counting instead of failing. Every property but ``invalid`` and ``options`` draws valid
+   configurations only, so a refusal there is a failure. The properties run the profile's example count, the
+   inductor ones their share of it (as in the tests), with inductor; the others without it;
 3. the state, pass-failure and numerics tests of ``tests/test_hardening.py`` and their results (pytest, junit xml);
 4. the defects found and fixed on the way, with their commits.
+
+The exit status is 1 when a catalogue row misses its message, or a fuzz case fails or is refused where a refusal is
+not the expected outcome.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import importlib
 import json
 import os
@@ -27,6 +33,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +80,22 @@ def _import_tests() -> tuple[Any, Any]:
     return importlib.import_module("test_hardening"), importlib.import_module("test_fuzz")
 
 
-def _no_inductor() -> None:
+@contextlib.contextmanager
+def _no_inductor() -> Iterator[None]:
+    """The backend with inductor left out (the rewritten graph runs as Python), as ``tests/conftest.py``'s
+    ``no_inductor`` fixture."""
     from fxdit import backend
 
     def lower(gm: Any, example_inputs: Any, cfg: Any) -> Any:
         consts = backend.lifted_constants(gm)
         return lambda *args: gm(*args, *consts)
 
+    saved = backend.lower
     backend.lower = lower
+    try:
+        yield
+    finally:
+        backend.lower = saved
 
 
 def _fresh() -> None:
@@ -136,26 +151,33 @@ def fuzz(tf: Any, profile: str, examples: int, only: list[str] | None,
     from hypothesis import strategies as st
 
     counts: dict[str, Any] = {}
-    lines = ["| property | cases run | passed | raised FxditError | other errors (by type) | wall |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| property | path | generated | passed | refused (FxditError) | other errors (by type) | wall |",
+             "|---|---|---|---|---|---|---|"]
     details = []
-    for name, (check, strategies) in tf.PROPERTIES.items():
+    for name, prop in tf.PROPERTIES.items():
         if only and name not in only:
             continue
-        c = {"run": 0, "passed": 0, "FxditError": 0, "other": collections.Counter(), "first": {}, "over_budget": 0}
+        n = max(1, round(examples * prop.share)) if prop.inductor else examples
+        c = {"generated": 0, "passed": 0, "refused": 0, "other": collections.Counter(), "first": {},
+             "over_budget": 0}
 
-        def make_case(c: dict, check: Any) -> Any:
-            @settings(max_examples=examples, deadline=None, derandomize=profile == "ci", database=None,
+        def make_case(c: dict, prop: Any, n: int) -> Any:
+            @settings(max_examples=n, deadline=None, derandomize=profile == "ci", database=None,
                       suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
-            @given(st.tuples(*strategies))
+            @given(st.tuples(*prop.strategies))
             def case(args: tuple) -> None:
                 if budget is not None and time.perf_counter() - t0 > budget:
                     c["over_budget"] += 1  # drawn but not run: the property's time budget is spent
                     return
                 _fresh()
-                c["run"] += 1
+                c["generated"] += 1
                 try:
-                    outcome = check(*args)
+                    outcome = prop.check(*args)
+                except tf.FxditError as exc:  # a valid case refused
+                    c["refused"] += 1
+                    c["other"]["FxditError (refused)"] += 1
+                    c["first"].setdefault("FxditError (refused)", f"{exc}"[:300] + f" — case {args!r}"[:600])
+                    return
                 except Exception as exc:  # noqa: BLE001 - counted, by type
                     key = type(exc).__name__
                     if key == "AssertionError":
@@ -163,24 +185,40 @@ def fuzz(tf: Any, profile: str, examples: int, only: list[str] | None,
                     c["other"][key] += 1
                     c["first"].setdefault(key, f"{exc}"[:300] + f" — case {args!r}"[:600])
                     return
-                c[outcome] += 1
+                if outcome == tf.RAISED:
+                    c["refused"] += 1
+                    c["passed"] += prop.refusals_expected
+                else:
+                    c["passed"] += 1
 
             return case
 
         t0 = time.perf_counter()
-        make_case(c, check)()
+        with contextlib.nullcontext() if prop.inductor else _no_inductor():
+            make_case(c, prop, n)()
         wall = time.perf_counter() - t0
-        other = ", ".join(f"{k}: {v}" for k, v in sorted(c["other"].items())) or "none"
-        run = f"{c['run']}" + (f" (+{c['over_budget']} drawn after the time budget, not run)" if c["over_budget"] else "")  # noqa: E501
-        lines.append(f"| {name} | {run} | {c['passed']} | {c['FxditError']} | {_cell(other)} | {wall:.0f} s |")
+        errors = {k: v for k, v in c["other"].items() if k != "FxditError (refused)"}
+        other = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "none"
+        refused = f"{c['refused']}" + (" (expected)" if prop.refusals_expected else "")
+        generated = f"{c['generated']}" + (f" (+{c['over_budget']} drawn after the time budget, not run)"
+                                            if c["over_budget"] else "")
+        path = "inductor" if prop.inductor else "no inductor"
+        lines.append(f"| {name} | {path} | {generated} | {c['passed']} | {refused} | {_cell(other)} | {wall:.0f} s |")
         for k, msg in c["first"].items():
             details.append(f"- `{name}` / {k}: {_cell(msg)}")
-        counts[name] = {"run": c["run"], "passed": c["passed"], "FxditError": c["FxditError"],
-                        "other": dict(c["other"]), "drawn_not_run": c["over_budget"]}
+        counts[name] = {"generated": c["generated"], "passed": c["passed"], "refused": c["refused"],
+                        "refusals_expected": prop.refusals_expected, "other_errors": errors,
+                        "drawn_not_run": c["over_budget"], "inductor": prop.inductor, "wall_s": round(wall, 1)}
         print(lines[-1], flush=True)
     if details:
-        lines += ["", "First message of each other error:", "", *details]
+        lines += ["", "First message of each failure:", "", *details]
     return lines, counts
+
+
+def failures(counts: dict[str, Any]) -> int:
+    """Cases that failed: other errors, and refusals where a refusal is not the expected outcome."""
+    return sum(sum(c["other_errors"].values()) + (0 if c["refusals_expected"] else c["refused"])
+               for c in counts.values())
 
 
 STATE_TESTS = ("two_models", "two_threads", "interrupted", "exception_inside", "ten_runs", "reset_at")
@@ -234,24 +272,25 @@ def main(argv: list[str] | None = None) -> int:
     examples = args.examples or (25 if args.profile == "ci" else 200)
 
     th, tf = _import_tests()
-    _no_inductor()
     import torch
 
     t0 = time.perf_counter()
-    cat_lines, cat_ok, cat_total = ([], 0, 0) if args.skip_catalogue else catalogue(th)
+    with _no_inductor():
+        cat_lines, cat_ok, cat_total = ([], 0, 0) if args.skip_catalogue else catalogue(th)
     print(f"catalogue: {cat_ok}/{cat_total} rows give the expected FxditError", flush=True)
     fuzz_lines, counts = fuzz(tf, args.profile, examples, args.properties.split(",") if args.properties else None,
                               args.budget_s)
+    fuzz_wall = sum(c["wall_s"] for c in counts.values())
     state_lines = [] if args.skip_pytest else pytest_results()
     wall = time.perf_counter() - t0
+    inductor_examples = sorted({c["generated"] for c in counts.values() if c["inductor"]})
 
     md = [
-        "# Reliability (issue 8)",
+        "# Reliability",
         "",
-        f"Generated by `tools/reliability_report.py --profile {args.profile}` (torch {torch.__version__}, CPU, "
-        f"{os.cpu_count()} cores; {wall / 60:.0f} min). The backend runs without inductor (`no_inductor`: the "
-        "rewritten graphs run as Python), as in `tests/test_fuzz.py`; an inductor compile per case would take "
-        "15–30 s.",
+        f"Generated by `tools/reliability_report.py --profile {args.profile}"
+        f"{f' --examples {args.examples}' if args.examples else ''}` (torch {torch.__version__}, CPU, "
+        f"{os.cpu_count()} cores; {wall / 60:.1f} min in all, of which the fuzzing {fuzz_wall / 60:.1f} min).",
         "",
         f"## 1. Bad-input catalogue ({cat_total} inputs, {cat_ok} give the expected FxditError)",
         "",
@@ -269,16 +308,36 @@ def main(argv: list[str] | None = None) -> int:
         "than the model (CUDA vs CPU) are moved at compile time; only the meta device, which holds no values, is "
         "an error (no GPU here to test a CUDA file on a CPU model end to end).",
         "",
-        f"## 2. Fuzzing ({args.profile} profile, {examples} examples per property)",
+        f"## 2. Fuzzing ({args.profile} profile: {examples} examples per property, "
+        f"{'/'.join(map(str, inductor_examples)) or '-'} per inductor property)",
         "",
-        "Properties (`tests/test_fuzz.py`): **lossless** — no lossy option on → the eager output (max error ≤ 1e-6 × "
-        "max |ref|); **grat** — GRAT-B/X with random groups, radii, layers, grids and block sizes → eager attention "
-        "with the grouped mask's dense equivalent on exactly the sites the pass rewrites (≤ 2e-5 × max |ref|), and "
-        "the report's rewritten count equals the oracle's; **icc** — factors of rank ≥ the weights' true rank, "
-        "random schedules, roles, blocks, qkv form, guard → the eager output at every step (≤ 1e-4 × max |ref|) "
-        "and the runtime follows the schedule; **options** — arbitrary option values → accepted or FxditError. "
-        "The model/options properties draw, in two cases of three, no corrupted option (the icc property also "
-        "draws factor files missing a layer or calibrated with the other qkv form), else one invalid option.",
+        "Properties (`tests/test_fuzz.py`). Every case of `lossless`, `grat`, `icc` and the inductor properties is "
+        "a configuration fxdit accepts, drawn valid by construction, compiled with `on_pass_error='raise'`: a "
+        "refusal (FxditError) is a failure there.",
+        "",
+        "- **lossless**: nothing lossy on (dense attention, GRAT below `min_tokens` or on layers the model lacks, "
+        "caching off or every step full) → the eager output (max error ≤ 1e-6 × max |ref|).",
+        "- **grat**: GRAT-B/X with a group that tiles the token grid, a radius that leaves key groups out, existing "
+        "layers, `min_tokens` ≤ the image tokens, given or inferred grid, any block size, on reference DiTs with "
+        "2-D/3-D grids, joint text before/after the image and three attention call forms → the GRAT oracle "
+        "(`tests/grat_oracle.py`: the eager model with the dense grouped mask, written from the method's "
+        f"definition; ≤ {tf.ORACLE_TOL:g} × max |ref|), the pass rewrites exactly the selected blocks' sites, and "
+        f"the output differs from dense attention (> {tf.DIFFERS:g} × max |ref|).",
+        "- **icc**: increment caching with SVD factors of rank < min(out, in) of every cached linear, 3–5 steps "
+        "whose latents and timestep change at every step, schedules with at least one cached step (period, "
+        "warmup, cooldown with num_steps, or explicit full steps), roles, blocks, qkv form, guard, factor objects "
+        "or files covering all or only the cached linears, one- or two-call classifier-free guidance → the ICC "
+        "oracle (`tests/icc_oracle.py`: forward hooks on the factored `nn.Linear` layers, full steps given as a set "
+        f"computed in the test from the drawn schedule; ≤ {tf.ORACLE_TOL:g} × max |ref| at every call), the "
+        "runtime's per-call schedule equals that set, an increment is inserted in exactly the cached linears, and "
+        f"every cached-step output differs from the full computation (> {tf.DIFFERS:g} × max |ref|).",
+        "- **grat_inductor** / **icc_inductor**: the grat / icc checks through inductor (CPU FlexAttention with "
+        "the grouped block mask; the low-rank increment's decomposition) on two tiny models whose shapes repeat "
+        f"(the same ≤ {tf.ORACLE_TOL:g} × max |ref| against the oracles).",
+        "- **invalid**: a valid grat or icc option dict with one invalid option → FxditError from `torch.compile` "
+        "(its expected outcome: each case passes by being refused).",
+        "- **options**: arbitrary option values → accepted or FxditError by `FxditConfig.from_options`, never "
+        "another exception (refusals expected).",
         "",
         *fuzz_lines,
         "",
@@ -295,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
-    bad = sum(sum(c["other"].values()) for c in counts.values()) + (cat_total - cat_ok)
+    bad = failures(counts) + (cat_total - cat_ok)
     return 1 if bad else 0
 
 
