@@ -153,7 +153,8 @@ def test_nonfinite_guard_recomputes_in_full():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# end to end: the reference DiT compiled with fxdit, weights exactly rank r, rank-r SVD factors
+# end to end: the reference DiT compiled with fxdit, weights exactly rank r, rank-r SVD factors: every cached
+# step is exact here (any consistent cache is); tests/test_icc_oracle.py checks lossy steps against an oracle
 # ---------------------------------------------------------------------------------------------------------
 
 

@@ -210,16 +210,18 @@ def tiny_random():
     model = DiT(DiTConfig(depth=2, hidden=32, heads=2, input_size=(8, 8), num_classes=4)).eval()
     old = inputs_for(1)
     gm, inputs = capture(model, *old)
-    return model, gm, inputs, old
+    return model, gm, inputs, old, {}
 
 
 def planned_random(tiny_random, qkv="separate", roles=tuple(ROLE_MODULES), form="x", rank=4, bad=None):
     """Plan ICC on ``tiny_random`` with rank-``rank`` SVD factors (``bad(factors) -> Factors`` spoils the ones the
     graph gets) and run the variants; returns ``(variant outputs, oracle output, scale)``."""
-    model, gm, inputs, old = tiny_random
+    model, gm, inputs, old, memo = tiny_random
     new = inputs_for(2)
     work = analysed(gm)
-    factors = svd_factors(model, work, rank=rank, qkv=qkv)
+    if (rank, qkv) not in memo:
+        memo[rank, qkv] = svd_factors(model, work, rank=rank, qkv=qkv)
+    factors = memo[rank, qkv]
     cfg = cfg_for(bad(factors) if bad else factors, roles=list(roles), qkv=qkv)
     plan_cache(work, cfg)
     plan = fxdit_meta(work)["cache_plan"]
@@ -352,7 +354,7 @@ def test_passes_idempotent_and_mark_nodes(tiny):
 
 def test_reuse_mode_outputs_cached_y(tiny_random):
     """Reuse mode returns Y_c: the oracle with zero factors, at an input other than the one that filled the caches."""
-    model, gm, inputs, old = tiny_random
+    model, gm, inputs, old, _ = tiny_random
     new = inputs_for(2)
     work = analysed(gm)
     cfg = FxditConfig.from_options({"cache": {"mode": "reuse", "schedule": {"period": 2}}, "on_pass_error": "raise"})
