@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from grat_oracle import ModelLayout, grouped_sdpa, model_layout
 from torch import nn
+from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
+from torch._inductor.utils import run_and_get_code
 
 import fxdit
 import fxdit.models as M
@@ -25,7 +27,7 @@ from fxdit.models import output_tensor
 from fxdit.models.dit import DiT, DiTConfig
 
 
-def _run(model, args, kwargs, attention, *, expect_rewritten, expect_hoisted=True, layout=None):
+def _run(model, args, kwargs, attention, *, expect_rewritten, expect_hoisted=True, layout=None, flex=False):
     options = {"attention": {"min_tokens": 0, **attention}, "on_pass_error": "raise"}
     with torch.no_grad():
         with grouped_sdpa(model, options, layout=layout) as calls:
@@ -33,7 +35,9 @@ def _run(model, args, kwargs, attention, *, expect_rewritten, expect_hoisted=Tru
         dense = output_tensor(model(*args, **kwargs))
         torch._dynamo.reset()
         fast = torch.compile(model, backend="fxdit", options=options)
-        out = output_tensor(fast(*args, **kwargs))
+        out, code = run_and_get_code(lambda: output_tensor(fast(*args, **kwargs)))
+    if flex and check_cpu_supported():  # the sparse CPU path: inductor's C++ FlexAttention template
+        assert any("full_kv_num_blocks" in c for c in code)  # the template reads the block tables
     # the oracle's rule selects the sites the pass rewrites, and each of them really drops attention
     assert calls["masked"] == calls["sparse"] == expect_rewritten
     # fp32 compiled vs eager through several blocks: reassociation noise reaches ~6e-5; a wrong mask errs by O(0.1)
@@ -67,7 +71,8 @@ def test_compiled_dit_grat_b_non_square_grid_with_text():
     or a wrong radius gives another mask) with 5 joint text tokens before the image tokens."""
     model, args, kwargs = _dit(depth=1, input_size=(16, 32), text_tokens=5, text_position="before")
     assert model_layout(model, args, kwargs).grid == (8, 16)
-    report = _run(model, args, kwargs, {"mode": "grat-b", "group": (4, 4), "radius": 1}, expect_rewritten=1)
+    report = _run(model, args, kwargs, {"mode": "grat-b", "group": (4, 4), "radius": 1}, expect_rewritten=1,
+                  flex=True)
     assert report.details["permutes_saved"] > 0
 
 
