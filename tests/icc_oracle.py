@@ -31,7 +31,9 @@ The hooks are attached only inside ``with oracle:`` (or during ``oracle(...)``) 
 and the step state live on in the oracle, so a test can run a ``torch.compile``'d wrapper of the same module
 between oracle calls without Dynamo ever tracing the hooks (do not call a compiled wrapper inside ``with
 oracle:``). ``oracle.reset()`` forgets the caches (a new sampling run); ``oracle.calls`` logs ``(step, stream,
-"full" | "cached")`` per model call. ``modules=`` restricts the hooked linears to a subset of the file's.
+"full" | "cached")`` per model call. ``modules=`` restricts the hooked linears to a subset of the file's. A module
+reachable under several paths (a block applied twice) is hooked once, with the factors of its first path in the file;
+its calls in one forward get one slot each.
 """
 
 from __future__ import annotations
@@ -113,10 +115,14 @@ class IccOracle:
             grouped.setdefault(path, {})[part] = pair
         wanted = None if modules is None else set(modules)
         self.linears: list[_Linear] = []
+        hooked: set[int] = set()
         for path, parts in grouped.items():
             if wanted is not None and path not in wanted:
                 continue
             module = model.get_submodule(path)
+            if id(module) in hooked:  # a shared module reached under several paths: hooked once
+                continue
+            hooked.add(id(module))
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"{path} is a {type(module).__name__}, not an nn.Linear")
             if None in parts:

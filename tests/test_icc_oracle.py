@@ -123,6 +123,22 @@ def test_two_call_cfg_calls_per_step_joint_qkv_explicit_steps(no_inductor):
     assert _schedule_of(fast) == [f for f in (True, False, False, True, True, False, False) for _ in range(2)]
 
 
+def test_shared_block_one_cache_per_call(no_inductor):
+    """One block applied twice per forward: each of its linears runs twice, and each call has its own cache."""
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(depth=2, hidden=32, heads=2, input_size=(8, 8), num_classes=4)).eval()
+    model.blocks[1] = model.blocks[0]
+    example = ((torch.randn(2, 4, 8, 8), torch.full((2,), 500.0), torch.tensor([0, 1])), {})
+    factors = fxdit.calibrate(model, method="svd", rank=4, example=example, progress=False)
+    assert {k.split(".")[1] for k in factors.keys()} == {"0", "1"}  # the graph names the second use blocks.1
+    fast = _compile(model, factors, {"period": 2})
+    oracle = IccOracle(model, factors, {0, 2})
+    assert len(oracle.linears) == 4
+    with torch.no_grad(), fxdit.sampling(fast):
+        _run(model, fast, oracle, 4, two_call=False, null=4)
+    assert _schedule_of(fast) == [True, False, True, False]
+
+
 def test_the_comparison_sees_wrong_factors_and_wrong_schedule(no_inductor):
     """The oracle with sign-flipped A factors, or with the full steps shifted by one, disagrees with fxdit at the
     cached steps: the agreement above is not a property of any consistent cache. (Flipping every A partly cancels
