@@ -33,9 +33,9 @@ def _dit(rank=4, qkv="separate", seed=0):
     return model, factors
 
 
-def _compile(model, factors, schedule, qkv="separate", backend_options=None):
+def _compile(model, factors, schedule, qkv="separate"):
     options = {"cache": {"factors": factors, "schedule": schedule, "qkv": qkv}, "on_pass_error": "raise"}
-    return torch.compile(model, backend="fxdit", options={**options, **(backend_options or {})}, dynamic=False)
+    return torch.compile(model, backend="fxdit", options=options, dynamic=False)
 
 
 def _check_step(step, got, want, exact, full):
@@ -91,10 +91,14 @@ def _schedule_of(fast):
     return record.runtime.stats.schedule
 
 
-def test_batched_cfg_period_2(no_inductor):
+def test_batched_cfg_period_2(no_inductor, tmp_path):
+    """Cond and uncond batched in one call; fxdit and the oracle both read the factors from the saved file."""
     model, factors = _dit()
-    fast = _compile(model, factors, {"period": 2})
-    oracle = IccOracle(model, factors, {0, 2, 4, 6})
+    path = str(tmp_path / "factors.safetensors")
+    factors.save(path)
+    fast = _compile(model, path, {"period": 2})
+    oracle = IccOracle(model, path, {0, 2, 4, 6})
+    assert [lin.path for lin in oracle.linears] == list(block_linear_roles(model))
     with torch.no_grad(), fxdit.sampling(fast):
         _run(model, fast, oracle, 7, two_call=False, null=4)
     assert _schedule_of(fast) == [True, False, True, False, True, False, True]
