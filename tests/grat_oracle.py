@@ -244,6 +244,8 @@ def _patched_sdpa(model: torch.nn.Module, fn: Any) -> Iterator[None]:
     counter = [0]
 
     def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if not tracker.stack:  # a call from outside the model (a pipeline's text encoder): untouched, uncounted
+            return orig(*args, **kwargs)
         bound = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
         q, k = bound["query"], bound["key"]
         name, module, block = tracker.where()

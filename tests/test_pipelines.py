@@ -250,6 +250,33 @@ def test_icc_and_grat_report_what_they_did(name, folders, analyses, no_inductor)
     assert rel < 1.0, rel  # and it is still the same sample (a wrong cache or mask gives O(1) errors)
 
 
+@pytest.mark.parametrize("name", ["sd3", "flux", "hunyuan-video", pytest.param("diffusers-dit", marks=pytest.mark.slow),
+                                  pytest.param("pixart-alpha", marks=pytest.mark.slow),
+                                  pytest.param("wan", marks=pytest.mark.slow)])
+def test_grat_alone_follows_the_oracle(name, folders, no_inductor):
+    """GRAT on its own, where the test above has it beside ICC: the whole pipeline with fxdit GRAT-B equals the eager
+    pipeline whose attention gets the dense grouped mask from the independent oracle (grid and text side from the
+    model's config and inputs), and differs from dense attention (radius 0: each group sees itself and the text,
+    so the mask drops blocks even on these tiny grids)."""
+    from grat_oracle import grouped_sdpa
+
+    pipe = P.load(folders(name))
+    guidance = list(P.PIPELINES[name].cfg)[-1]
+    model = pipe.transformer
+    options = {"on_pass_error": "raise",
+               "attention": {"mode": "grat-b", "group": GROUPS[name], "radius": 0, "min_tokens": 0}}
+    dense = _run(pipe, name, steps=2, guidance=guidance)
+    with grouped_sdpa(model, options) as counts:
+        expected = _run(pipe, name, steps=2, guidance=guidance)
+    assert counts["masked"] > 0 and counts["sparse"] == counts["masked"], counts
+    pipe.transformer = torch.compile(model, backend="fxdit", options=options)
+    out = _run(pipe, name, steps=2, guidance=guidance)
+    _, grouped, _, _ = _expected_counts(name)
+    assert _record(model).report("rewrite_grouped_attention").rewritten == grouped
+    torch.testing.assert_close(out, expected, atol=2e-4, rtol=0)
+    assert float((out - dense).abs().max()) > 1e-2  # sparse for real: far from the dense pipeline
+
+
 @pytest.mark.parametrize("name", ["flux", pytest.param("hunyuan-video", marks=pytest.mark.slow),
                                   pytest.param("wan", marks=pytest.mark.slow)])
 def test_separate_cfg_streams_found_without_help(name, folders, analyses, no_inductor):
