@@ -323,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         "(`tests/grat_oracle.py`: the eager model with the dense grouped mask, written from the method's "
         f"definition; ≤ {tf.ORACLE_TOL:g} × max |ref|), the pass rewrites exactly the selected blocks' sites, and "
         f"the output differs from dense attention (> {tf.DIFFERS:g} × max |ref|).",
-        "- **icc**: increment caching with SVD factors of rank < min(out, in) of every cached linear, 3–5 steps "
+        "- **icc**: increment caching with SVD factors of rank < min(out, in) of every cached linear (the block "
+        "linears get weights with equal singular values, so that any such rank leaves out a real share of the "
+        "weight; MLP ratio 2 or 4, as `find_blocks` recognises an MLP by its widening `fc1`), 3–5 steps "
         "whose latents and timestep change at every step, schedules with at least one cached step (period, "
         "warmup, cooldown with num_steps, or explicit full steps), roles, blocks, qkv form, guard, factor objects "
         "or files covering all or only the cached linears, one- or two-call classifier-free guidance → the ICC "
