@@ -277,6 +277,43 @@ def test_grat_alone_follows_the_oracle(name, folders, no_inductor):
     assert float((out - dense).abs().max()) > 1e-2  # sparse for real: far from the dense pipeline
 
 
+@pytest.mark.parametrize("name", ["sd3", "flux", pytest.param("hunyuan-video", marks=pytest.mark.slow),
+                                  pytest.param("pixart-alpha", marks=pytest.mark.slow)])
+def test_icc_alone_follows_the_oracle(name, folders, analyses, no_inductor):
+    """ICC on its own, where the ICC+GRAT test has it beside GRAT: the pipeline with fxdit ICC (period 2) equals the
+    eager pipeline under the hook-based ICC oracle with full steps written out ({0, 2} of 4), and differs from the
+    full computation."""
+    from icc_oracle import IccOracle
+
+    pipe = P.load(folders(name))
+    guidance = list(P.PIPELINES[name].cfg)[-1]
+    model = pipe.transformer
+    options = _lossy_options(name, pipe, analyses(name))
+    del options["attention"]
+    per_step = P.PIPELINES[name].calls_per_step[guidance]
+    full = _run(pipe, name, steps=4, guidance=guidance)
+    oracle = IccOracle(model, options["cache"]["factors"], full_steps={0, 2})
+    calls = [0]
+
+    def step_of_call(module, args, kwargs):
+        if calls[0] % per_step == 0:  # the first call of a step; the others are its further streams
+            oracle.begin_step(calls[0] // per_step)
+        calls[0] += 1
+
+    handle = model.register_forward_pre_hook(step_of_call, with_kwargs=True)
+    try:
+        with oracle:
+            expected = _run(pipe, name, steps=4, guidance=guidance)
+    finally:
+        handle.remove()
+    assert calls[0] == 4 * per_step and [c[2] for c in oracle.calls].count("cached") == 2 * per_step
+    pipe.transformer = torch.compile(model, backend="fxdit", options=options)
+    out = _run(pipe, name, steps=4, guidance=guidance)
+    assert _record(model).runtime.stats.cached_calls == 2 * per_step
+    torch.testing.assert_close(out, expected, atol=2e-4, rtol=0)
+    assert float((out - full).abs().max()) > 1e-3  # lossy: the cached steps are not the full computation
+
+
 @pytest.mark.parametrize("name", ["flux", pytest.param("hunyuan-video", marks=pytest.mark.slow),
                                   pytest.param("wan", marks=pytest.mark.slow)])
 def test_separate_cfg_streams_found_without_help(name, folders, analyses, no_inductor):
