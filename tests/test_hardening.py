@@ -1,4 +1,4 @@
-"""Hardening (issue 8): bad input gets a clear FxditError, failing passes fall back, numerics are guarded, state
+"""Hardening: bad input gets a clear FxditError, failing passes fall back, numerics are guarded, state
 never leaks between runs, threads or models.
 
 Everything here runs the real backend with inductor left out (``no_inductor``), except the ``slow`` cases. The

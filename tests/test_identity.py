@@ -1,4 +1,4 @@
-"""Issue 3: with no lossy option, fxdit through inductor equals eager on every reference model, and adds no
+"""With no lossy option, fxdit through inductor equals eager on every reference model, and adds no
 graph breaks."""
 
 import pytest

@@ -17,7 +17,7 @@ warm-up calls; a call is discarded when other processes used more than ``--max-o
 the row says so and uses all calls.
 
 The end-to-end section of the output file (between ``<!-- e2e:begin -->`` and ``<!-- e2e:end -->``) belongs to the
-end-to-end benchmark (helper "grat-pass") and is preserved when this tool rewrites the file.
+end-to-end benchmark (`tools/bench_grat_e2e.py`) and is preserved when this tool rewrites the file.
 
 Usage::
 
@@ -219,13 +219,14 @@ def render(rows: list[Row], meta: dict[str, Any], e2e: str) -> str:
         "FlexAttention, BlockMask tables as graph inputs).",
         "* **dense-compiled**: inductor-compiled dense SDPA. **flex**: `torch.compile(flex_attention)` with the same "
         "BlockMask built from the tables. **eager SDPA**: dense, eager.",
-        "* frac of ideal = (speedup vs dense-compiled) × ρ. Targets (issue 4): 128², 16² groups: GRAT-B ≥ 7.6× "
+        "* frac of ideal = (speedup vs dense-compiled) × ρ. Targets: 128², 16² groups: GRAT-B ≥ 7.6× "
         "(0.9 of ideal) and not slower than flex; GRAT-X ≥ 3.6× (0.85).",
         "",
         HEADER,
         *[_fmt_row(r) for r in rows],
         "",
-        "GPU rows: N/A (no GPU was lent to this task; the Triton kernel is verified only under `TRITON_INTERPRET=1`).",
+        "GPU rows: N/A here (CPU machine; the Triton kernel is verified under `TRITON_INTERPRET=1`, GPU figures in "
+        "`benchmarks/gpu.md` from `tools/gpu_check.sh`).",
         "",
         "## End-to-end",
         "",
@@ -233,7 +234,7 @@ def render(rows: list[Row], meta: dict[str, Any], e2e: str) -> str:
         e2e.strip() if e2e.strip() else ("| model | tokens | fxdit GRAT-B ms | plain inductor ms | speedup |\n"
                                          "|---|---|---|---|---|\n"
                                          "| reference DiT, 4 blocks | 128×128 | N/A | N/A | N/A (to be added by the "
-                                         "end-to-end benchmark, helper grat-pass) |"),
+                                         "end-to-end benchmark, tools/bench_grat_e2e.py) |"),
         E2E_END,
         "",
     ]
@@ -244,7 +245,7 @@ def render(rows: list[Row], meta: dict[str, Any], e2e: str) -> str:
 
 
 NOTES = [
-    "* Quiet re-run (2026-11-23, about 18:10 UTC) of the 128² and 192² rows (every call clean; the 32² and 64² rows are still from the contended run): at 128² with 16×16 groups GRAT-B reaches **5.74×** over compiled dense SDPA, 0.68 of ideal, and GRAT-X **2.92×** (0.68): the issue-4 targets (≥ 7.6× / 0.9 and ≥ 3.6× / 0.85) are **missed**. The 7.65× / 3.90× of the earlier run came from contended calls in which the dense baseline was slowed more than the sparse one (dense 3342 ms then, 920 ms now). fxdit is not slower than compiled flex_attention with the same mask (1.30× and 1.00×). Profile: compiled flex_attention over this BlockMask takes the same 156–160 ms with the group mask_mod, a no-op mask_mod, SKIP_MASK_SCORE, and PARTITION_SIZE 64 or 256, so the gap to ideal is inductor's CPU flex template (≈100 GFLOP/s on the listed blocks against ≈150 GFLOP/s for dense SDPA), not fxdit's mask or tables; the prototype's 103 ms for the same template (cpu_measurements.md) is not reproduced on today's machine (dense SDPA is 15 % slower than then, flex 55 %).",  # noqa: E501
+    "* Quiet re-run (2026-11-23, about 18:10 UTC) of the 128² and 192² rows (every call clean; the 32² and 64² rows are still from the contended run): at 128² with 16×16 groups GRAT-B reaches **5.74×** over compiled dense SDPA, 0.68 of ideal, and GRAT-X **2.92×** (0.68): the targets (≥ 7.6× / 0.9 and ≥ 3.6× / 0.85) are **missed**. The 7.65× / 3.90× of the earlier run came from contended calls in which the dense baseline was slowed more than the sparse one (dense 3342 ms then, 920 ms now). fxdit is not slower than compiled flex_attention with the same mask (1.30× and 1.00×). Profile: compiled flex_attention over this BlockMask takes the same 156–160 ms with the group mask_mod, a no-op mask_mod, SKIP_MASK_SCORE, and PARTITION_SIZE 64 or 256, so the gap to ideal is inductor's CPU flex template (≈100 GFLOP/s on the listed blocks against ≈150 GFLOP/s for dense SDPA), not fxdit's mask or tables; the prototype's 103 ms for the same template (cpu_measurements.md) is not reproduced on today's machine (dense SDPA is 15 % slower than then, flex 55 %).",  # noqa: E501
     "* fxdit and flex run the same inductor C++ flex template over the same BlockMask, so their ratio should be "
     "≈1; fxdit builds the BlockMask in-graph from the tables (graph inputs) and has no extra work per call.",
     "* Block size = the largest of 128/64/32/16 dividing the group (8×8 groups → 64, 16×16 → 128), so every "

@@ -1,4 +1,4 @@
-"""First-compile time of fxdit vs plain inductor on the reference DiT (issue 3).
+"""First-compile time of fxdit vs plain inductor on the reference DiT.
 
 Each measurement runs in a fresh subprocess with a fresh TORCHINDUCTOR_CACHE_DIR, so nothing is cached; the
 backends are interleaved round-robin and the table reports medians and the fxdit/inductor ratio.
