@@ -215,6 +215,18 @@ def fuzz(tf: Any, profile: str, examples: int, only: list[str] | None,
     return lines, counts
 
 
+def _slow_estimate(tf: Any, counts: dict[str, Any]) -> str:
+    """One sentence: what the slow profile would cost, from this run's time per case."""
+    minutes = 0.0
+    for name, c in counts.items():
+        prop = tf.PROPERTIES[name]
+        n = max(1, round(200 * prop.share)) if prop.inductor else 200
+        minutes += c["wall_s"] / max(1, c["generated"]) * n / 60
+    return (f"The ci profile draws the same cases every run (derandomized). The slow profile (200 examples per "
+            f"property, {max(1, round(200 * tf.PROPERTIES['icc_inductor'].share))} per inductor property) would take "
+            f"about {minutes:.0f} min of fuzzing at this run's time per case.")
+
+
 def failures(counts: dict[str, Any]) -> int:
     """Cases that failed: other errors, and refusals where a refusal is not the expected outcome."""
     return sum(sum(c["other_errors"].values()) + (0 if c["refusals_expected"] else c["refused"])
@@ -311,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         f"## 2. Fuzzing ({args.profile} profile: {examples} examples per property, "
         f"{'/'.join(map(str, inductor_examples)) or '-'} per inductor property)",
         "",
+        *([_slow_estimate(tf, counts), ""] if args.profile == "ci" and counts else []),
         "Properties (`tests/test_fuzz.py`). Every case of `lossless`, `grat`, `icc` and the inductor properties is "
         "a configuration fxdit accepts, drawn valid by construction, compiled with `on_pass_error='raise'`: a "
         "refusal (FxditError) is a failure there.",
