@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "modules cannot change any output. `Factors.verify_model(model)` names them "
         "(`test_extra_layers_are_ignored_per_graph_but_caught_against_the_model`). Factors on another real device "
         "than the model (CUDA vs CPU) are moved at compile time; only the meta device, which holds no values, is "
-        "an error (no GPU here to test a CUDA file on a CPU model end to end).",
+        "an error (this report runs on CPU: a CUDA factor file on a CPU model is not exercised here).",
         "",
         f"## 2. Fuzzing ({args.profile} profile: {examples} examples per property, "
         f"{'/'.join(map(str, inductor_examples)) or '-'} per inductor property)",
