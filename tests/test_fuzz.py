@@ -21,8 +21,9 @@ one is refused with FxditError. Every compilation uses ``on_pass_error="raise"``
 * ``invalid``: a valid GRAT or ICC option dict with one invalid option → FxditError from ``torch.compile``.
 * ``options``: arbitrary option values → accepted or FxditError, never another exception.
 
-Each ``check_*`` function is one case and returns :data:`PASSED`; ``tools/reliability_report.py`` runs the same
-functions with counters. All but the ``*_inductor`` properties run the backend without inductor (``no_inductor``).
+Each ``check_*`` function is one case and returns its outcome (:data:`PASSED`, or :data:`RAISED` where a refusal is
+the expected outcome) or raises; ``tools/reliability_report.py`` runs the same functions with counters. All but the
+``*_inductor`` properties run the backend without inductor (``no_inductor``).
 """
 
 from __future__ import annotations
