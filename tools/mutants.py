@@ -65,6 +65,7 @@ class Mutant:
 
 
 # Selections shared by several mutants (one baseline run each).
+_ICC_PASSES = ("tests/passes/test_icc_passes.py", "-k", "not exact_for_exact")
 _RUNTIME_UNIT = ("tests/test_icc_runtime.py", "-k", "not end_to_end and not schedule_none")
 _ICC_ORACLE = ("tests/test_icc_oracle.py", "-k", "not inductor and not diffusers")
 _LOWRANK_CPU = ("tests/kernels/test_lowrank_increment.py", "-k", "not triton")
@@ -194,6 +195,55 @@ MUTANTS: tuple[Mutant, ...] = (
         _RUNTIME_UNIT,
     ),
     Mutant(
+        "icc-triton-rank-chunks",
+        "Triton low-rank increment: every rank chunk starts again from Y_c (earlier chunks' increments are lost)",
+        "kernels/lowrank_increment.py",
+        "        src = y\n",
+        "        src = yc2\n",
+        _LOWRANK_TRITON,
+    ),
+    Mutant(
+        "icc-roles-ignored",
+        "cache.roles is ignored: every cacheable role is cached",
+        "passes/plan_cache.py",
+        "            if lin.role not in cc.roles:\n",
+        "            if False:\n",
+        _ICC_PASSES,
+    ),
+    Mutant(
+        "icc-blocks-ignored",
+        "cache.blocks is ignored: the linears of every block are cached",
+        "passes/plan_cache.py",
+        "            if cc.blocks is not None and block.index not in cc.blocks:\n",
+        "            if False:\n",
+        _ICC_PASSES,
+    ),
+    Mutant(
+        "icc-cfg-same-t-next-step",
+        "a call with the same timestep as the previous one is taken for the next step (two-call CFG: uncond "
+        "advances the schedule)",
+        "fxdit/runtime.py",
+        "                step, stream = self.step, self._stream + 1\n",
+        "                step, stream = self.step + 1, 0\n",
+        _RUNTIME_UNIT,
+    ),
+    Mutant(
+        "icc-num-steps-restart-late",
+        "a run restarts one call after num_steps steps (step == num_steps is still taken as part of the run)",
+        "fxdit/runtime.py",
+        "and step >= self.schedule.num_steps:",
+        "and step > self.schedule.num_steps:",
+        _RUNTIME_UNIT,
+    ),
+    Mutant(
+        "icc-guard-ignored",
+        "cache.guard 'nonfinite' never recomputes a non-finite cached step",
+        "fxdit/runtime.py",
+        "            if self.guard == \"nonfinite\" and not all(",
+        "            if False and not all(",
+        _RUNTIME_UNIT,
+    ),
+    Mutant(
         "schedule-period-off-by-one",
         "period schedule fires one step late: full iff (step + 1) % period == 0",
         "fxdit/config.py",
@@ -243,6 +293,22 @@ MUTANTS: tuple[Mutant, ...] = (
         _GRAT_LAYOUT,
     ),
     Mutant(
+        "grat-text-queries-see-text-only",
+        "text queries attend only text keys instead of every valid key",
+        "kernels/grat_layout.py",
+        "    adj[g:, :g + 1] = True  # text queries (valid or padded) see every valid key\n",
+        "    adj[g:, g:g + 1] = True\n",
+        _GRAT_LAYOUT,
+    ),
+    Mutant(
+        "grat-padded-text-visible",
+        "padded text keys are visible to every query",
+        "kernels/grat_layout.py",
+        "    adj[:, g] = True  # everyone sees valid text keys\n",
+        "    adj[:, g] = True  # everyone sees valid text keys\n    adj[:, g + 1] = True\n",
+        _GRAT_LAYOUT,
+    ),
+    Mutant(
         "grat-block-partial-as-full",
         "block flags mark blocks that are at least half visible as full (their masked elements become visible)",
         "kernels/grat_layout.py",
@@ -256,6 +322,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "passes/rewrite_grouped_attention.py",
         "    return (h, w) if t == 1 else (t, h, w)\n",
         "    return (w, h) if t == 1 else (t, w, h)\n",
+        _GRAT_PASS,
+    ),
+    Mutant(
+        "grat-hw-swapped-image",
+        "the inferred token grid of an image (2-D) is taken as (W, H); video grids stay right",
+        "passes/rewrite_grouped_attention.py",
+        "    return (h, w) if t == 1 else (t, h, w)\n",
+        "    return (w, h) if t == 1 else (t, h, w)\n",
         _GRAT_PASS,
     ),
     Mutant(
@@ -338,6 +412,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "    return mask[None, None] & kv_valid.to(torch.bool)[:, None, None, :]\n",
         "    return mask[None, None].expand(kv_valid.shape[0], 1, -1, -1)\n",
         _GRAT_KERNEL_CPU,
+    ),
+    Mutant(
+        "grat-ref-gqa-heads",
+        "CPU reference / eager op maps query head h to key/value head h % Hkv instead of h // (Hq / Hkv)",
+        "kernels/reference.py",
+        "        kc = kc.repeat_interleave(rep, dim=1)\n        vc = vc.repeat_interleave(rep, dim=1)\n",
+        "        kc = kc.repeat(1, rep, 1, 1)\n        vc = vc.repeat(1, rep, 1, 1)\n",
+        _GRAT_KERNEL_CPU,
+    ),
+    Mutant(
+        "grat-triton-gqa-heads",
+        "Triton kernel maps query head h to key/value head h % Hkv instead of h // (Hq / Hkv)",
+        "kernels/grouped_attention.py",
+        "    off_hk = off_h // kv_group_size\n",
+        "    off_hk = off_h % (num_heads // kv_group_size)\n",
+        _GRAT_KERNEL_TRITON,
     ),
     Mutant(
         "grat-scale-dropped",
