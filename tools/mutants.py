@@ -470,6 +470,11 @@ def _git(*args: str) -> list[str]:
     return [p for p in out.decode().split("\0") if p]
 
 
+def _head() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
 def snapshot(dest: Path, source: str) -> list[str]:
     """Copy the tree into ``dest``: tracked files (working tree or HEAD) plus untracked, non-ignored files.
 
@@ -707,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         header = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   "torch": _torch_version(python),
                   "source": ("working tree" if args.source == "worktree" else "HEAD")
-                  + f" at {(_git('rev-parse', '-z', 'HEAD') or ['?'])[0].strip()[:12]}",
+                  + f" at {_head()}",
                   "command": "python tools/mutants.py " + " ".join(argv if argv is not None else sys.argv[1:])}
         if modified:
             header["tracked files differing from HEAD"] = ", ".join(modified) + (
