@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _analysed import trace
 from fxdit.passes._fx_utils import fresh_copy, fxdit_meta
 from fxdit.passes.pipeline import find_attention, find_blocks
 from fxdit.passes.rewrite_grouped_attention import rewrite_grouped_attention
@@ -17,30 +18,14 @@ from fxdit.config import FxditConfig
 from fxdit.models.dit import DiT, DiTConfig
 
 
-def _captured():
-    cfg = DiTConfig(depth=2, hidden=32, heads=2, input_size=(16, 16), num_classes=4)
+def _analysed_copy(*, hoist: bool):
+    """A fresh, analysed copy of a small reference DiT's graph, its GRAT config and its attention calls."""
+    cfg = FxditConfig.from_options({"attention": {"mode": "grat-b", "group": (4, 4), "min_tokens": 0},
+                                    "on_pass_error": "raise"})
+    dit = DiTConfig(depth=2, hidden=32, heads=2, input_size=(16, 16), num_classes=4)
     torch.manual_seed(0)
-    model = DiT(cfg).eval()
-    args = (torch.randn(1, cfg.in_channels, 16, 16), torch.tensor([3.0]), torch.tensor([1]))
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=record, fullgraph=True)(*args)
-    torch._dynamo.reset()
-    (gm,) = graphs
-    return gm
-
-
-@pytest.mark.parametrize("hoist", [True, False])
-def test_lifted_tables_follow_the_sites_device(hoist):
-    options = {"attention": {"mode": "grat-b", "group": (4, 4), "min_tokens": 0}, "on_pass_error": "raise"}
-    cfg = FxditConfig.from_options(options)
-    gm = _captured()
+    model = DiT(dit).eval()
+    gm, _ = trace(model, torch.randn(1, dit.in_channels, 16, 16), torch.tensor([3.0]), torch.tensor([1]))
     find_attention(gm, cfg)
     find_blocks(gm, cfg)
     work = fresh_copy(gm)
@@ -48,6 +33,12 @@ def test_lifted_tables_follow_the_sites_device(hoist):
         fxdit_meta(work)["token_grid"].patch_node = None
     sdpa = [n for n in work.graph.nodes if n.op == "call_function" and "scaled_dot_product_attention" in str(n.target)]
     assert sdpa
+    return work, cfg, sdpa
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+def test_lifted_tables_follow_the_sites_device(hoist):
+    work, cfg, sdpa = _analysed_copy(hoist=hoist)
     for node in sdpa:
         for arg in node.args[:3]:
             for key in ("val", "example_value"):
@@ -71,14 +62,7 @@ def test_cuda_sites_the_kernel_cannot_run_stay_dense_with_its_reason(head_dim, d
     from fxdit.kernels.ops import grouped_attention_unsupported
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    options = {"attention": {"mode": "grat-b", "group": (4, 4), "min_tokens": 0}, "on_pass_error": "raise"}
-    cfg = FxditConfig.from_options(options)
-    gm = _captured()
-    find_attention(gm, cfg)
-    find_blocks(gm, cfg)
-    work = fresh_copy(gm)
-    fxdit_meta(work)["token_grid"].patch_node = None  # per-site rewrite: the check is per site
-    sdpa = [n for n in work.graph.nodes if n.op == "call_function" and "scaled_dot_product_attention" in str(n.target)]
+    work, cfg, sdpa = _analysed_copy(hoist=False)  # per-site rewrite: the check is per site
     with FakeTensorMode():
         for node in sdpa:
             for arg in node.args[:3]:
