@@ -25,7 +25,7 @@ reconstruction error of the weighted matrix is at most ``√(1 − energy)·‖W
 Example::
 
     import fxdit, torch
-    spec = fxdit.models.build("dit-tiny")
+    spec = fxdit.apps.models.build("dit-tiny")
     f = fxdit.calibrate(spec.model, example=(spec.args, spec.kwargs), method="svd", rank=32)
     f.save("dit_tiny_r32.safetensors")
     f = fxdit.calibration.Factors.load("dit_tiny_r32.safetensors")
@@ -1017,7 +1017,7 @@ def calibrate(model: nn.Module, calib_inputs: CalibInputs = None, *, method: str
 
     Example::
 
-        spec = fxdit.models.build("dit-tiny", batch=4)
+        spec = fxdit.apps.models.build("dit-tiny", batch=4)
         calls = fxdit.calibration.diffusion_calls((spec.args, spec.kwargs), 256, pairs=True)
         factors = fxdit.calibrate(spec.model, calls, method="cd-svd", rank=32)
         factors.save("dit_tiny_cd32.safetensors")

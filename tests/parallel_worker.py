@@ -58,7 +58,7 @@ CASES: dict[str, dict[str, Any]] = {
 
 def build(name: str) -> tuple[torch.nn.Module, list[tuple], dict[str, Any]]:
     """The case's model, its per-step inputs and its fxdit options (parallel section not included)."""
-    from fxdit.models.dit import DiT, DiTConfig
+    from fxdit.apps.models.dit import DiT, DiTConfig
 
     case = CASES[name]
     model_kw = {"depth": 2, "hidden": 32, "heads": 4, "input_size": (16, 16), "num_classes": 4, **case["model"]}

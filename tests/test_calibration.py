@@ -380,7 +380,7 @@ def test_calibrate_rejects_bad_arguments(kwargs):
 
 def test_calibrate_dit_tiny_with_analysis():
     """Graph analysis finds the cached linears of the reference DiT; factors cover exactly those."""
-    from fxdit import models
+    from fxdit.apps import models
 
     spec = models.build("dit-tiny", batch=2)
     f = calibrate(spec.model, example=(spec.args, spec.kwargs), rank=4, progress=False)
@@ -394,7 +394,7 @@ def test_calibrate_dit_tiny_with_analysis():
 
 def test_calibrate_cd_trajectories_on_dit_tiny():
     """A run_trajectories callable without example: the first call it makes is used for the analysis."""
-    from fxdit import models
+    from fxdit.apps import models
 
     spec = models.build("dit-tiny", batch=2)
     x, t, *rest = spec.args
@@ -411,7 +411,7 @@ def test_calibrate_cd_trajectories_on_dit_tiny():
 
 
 def test_cli_calibrate_writes_a_loadable_file(tmp_path):
-    from fxdit import models
+    from fxdit.apps import models
     from fxdit.cli import main
 
     out = tmp_path / "f.safetensors"

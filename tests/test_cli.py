@@ -75,7 +75,7 @@ def _args(*argv):
 
 
 def test_unknown_model_names_the_available_ones(tmp_path):
-    from fxdit import models
+    from fxdit.apps import models
 
     with pytest.raises(FxditError) as info:
         dump_cmd.run(_args("--model", "dit-tinny", "--out", str(tmp_path)))

@@ -237,7 +237,7 @@ def test_dit_tiny_cost(dit_tiny_graph):
 def dit_tiny_graph():
     from fxdit.passes._fx_utils import fresh_copy
 
-    from fxdit.models import build
+    from fxdit.apps.models import build
 
     spec = build("dit-tiny", batch=2)
     gm = _capture(lambda *a: spec.model(*a, **spec.kwargs), *spec.args)

@@ -1,4 +1,4 @@
-"""The comparison engine (fxdit.demo) and the ``fxdit demo`` / ``fxdit eval`` commands."""
+"""The comparison engine (fxdit.apps.demo) and the ``fxdit demo`` / ``fxdit eval`` commands."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-import fxdit.sampler as sampling
-from fxdit import demo
+import fxdit.apps.sampler as sampling
+from fxdit.apps import demo
 from fxdit.cli import main as cli_main
 from fxdit.errors import FxditError
 

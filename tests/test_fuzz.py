@@ -42,10 +42,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxdit
+from fxdit.apps.models.dit import ATTENTION_FORMS, DiT, DiTConfig, block_linear_roles
 from fxdit.calibration import calibrate
 from fxdit.config import FxditConfig, valid_option_keys
 from fxdit.errors import FxditError
-from fxdit.models.dit import ATTENTION_FORMS, DiT, DiTConfig, block_linear_roles
 
 FIXTURE_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                              HealthCheck.data_too_large, HealthCheck.filter_too_much])

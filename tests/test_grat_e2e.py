@@ -22,9 +22,9 @@ from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
 from torch._inductor.utils import run_and_get_code
 
 import fxdit
-import fxdit.models as M
-from fxdit.models import output_tensor
-from fxdit.models.dit import DiT, DiTConfig
+import fxdit.apps.models as M
+from fxdit.apps.models import output_tensor
+from fxdit.apps.models.dit import DiT, DiTConfig
 
 
 def _run(model, args, kwargs, attention, *, expect_rewritten, expect_hoisted=True, layout=None, flex=False):

@@ -20,10 +20,10 @@ import torch
 
 import fxdit
 from fxdit import backend
+from fxdit.apps.models.dit import DiT, DiTConfig, block_linear_roles, set_lowrank_block_weights
 from fxdit.calibration import Factors, calibrate
 from fxdit.config import FxditConfig
 from fxdit.errors import FxditError
-from fxdit.models.dit import DiT, DiTConfig, block_linear_roles, set_lowrank_block_weights
 
 FACTORS_PATH = "factors.safetensors"  # stands for a factor file in option rows that fail before loading it
 

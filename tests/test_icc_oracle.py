@@ -13,8 +13,8 @@ import torch
 from icc_oracle import IccOracle
 
 import fxdit
-import fxdit.models
-from fxdit.models.dit import DiT, DiTConfig, block_linear_roles
+import fxdit.apps.models
+from fxdit.apps.models.dit import DiT, DiTConfig, block_linear_roles
 
 GUIDANCE = 1.5
 #: fp32 agreement of fxdit with the oracle, relative to the output scale (max |out|, at least 1).
@@ -170,7 +170,7 @@ def test_the_comparison_sees_wrong_factors_and_wrong_schedule(no_inductor):
 
 @pytest.mark.slow  # builds a diffusers model (~20 s with the import on the shared CPU)
 def test_diffusers_dit_batched_cfg(no_inductor):
-    spec = fxdit.models.build("diffusers-dit", batch=2)
+    spec = fxdit.apps.models.build("diffusers-dit", batch=2)
     model = spec.model
     factors = fxdit.calibrate(model, method="svd", rank=8, example=(spec.args, spec.kwargs), progress=False)
     assert len(factors) == 12 and set(factors.ranks.values()) == {8}  # q, k, v, out, ff in/out of 2 blocks (64 wide)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxdit
-import fxdit.models
+import fxdit.apps.models
 from fxdit.config import FxditConfig, ScheduleConfig
 from fxdit.errors import FxditError
 from fxdit.runtime import CacheRuntime
@@ -159,7 +159,7 @@ def test_nonfinite_guard_recomputes_in_full():
 
 
 def _lowrank_dit(rank=4, seed=0, **kw):
-    from fxdit.models.dit import DiT, DiTConfig, block_linear_roles, set_lowrank_block_weights
+    from fxdit.apps.models.dit import DiT, DiTConfig, block_linear_roles, set_lowrank_block_weights
 
     torch.manual_seed(seed)
     model = DiT(DiTConfig(depth=2, hidden=32, heads=2, input_size=(8, 8), num_classes=4, **kw)).eval()
@@ -290,7 +290,7 @@ def _make_exact_lowrank(model, factors):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["diffusers-dit", "pixart-alpha"])
 def test_end_to_end_diffusers(name):
-    spec = fxdit.models.build(name, batch=2)
+    spec = fxdit.apps.models.build(name, batch=2)
     model = spec.model
     example = (spec.args, spec.kwargs)
     _make_exact_lowrank(model, fxdit.calibrate(model, method="svd", rank=4, example=example, progress=False))

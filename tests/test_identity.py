@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxdit
-from fxdit import models
+from fxdit.apps import models
 
 FAST = ["dit-tiny"]
 SLOW = [n for n in ("dit-tiny-unfused", "dit-video-tiny", "diffusers-dit", "pixart-alpha", "sd3", "flux",

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fxdit
-from fxdit import models
 from fxdit.analysis import analyze
+from fxdit.apps import models
 from fxdit.errors import FxditError
 
 peft = pytest.importorskip("peft")

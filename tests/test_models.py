@@ -1,4 +1,4 @@
-"""fxdit.models: every named model builds and runs; the reference DiT's config, attention forms and grids."""
+"""fxdit.apps.models: every named model builds and runs; the reference DiT's config, attention forms and grids."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-import fxdit.models as models
+import fxdit.apps.models as models
+from fxdit.apps.models.dit import DiT, DiTConfig, sincos_pos_embed
 from fxdit.errors import FxditError
-from fxdit.models.dit import DiT, DiTConfig, sincos_pos_embed
 
 _HAS_DIFFUSERS = True
 try:
@@ -101,7 +101,7 @@ def test_overrides_follow_into_expected():
 
 
 def test_import_does_not_import_diffusers():
-    code = "import sys, fxdit.models, fxdit.models.dit; print('diffusers' in sys.modules)"
+    code = "import sys, fxdit.apps.models, fxdit.apps.models.dit; print('diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
 
@@ -252,7 +252,7 @@ def test_missing_inputs_raise():
 # Expected agrees with the Dynamo graph (Dynamo tracing only, no inductor)
 # ---------------------------------------------------------------------------------------------------------------
 
-#: Module-path suffix -> linear role, the convention documented in fxdit.models.tiny.
+#: Module-path suffix -> linear role, the convention documented in fxdit.apps.models.tiny.
 _ROLE_BY_PATH = [
     (r"(^|\.)(to_q|add_q_proj)$", "q"), (r"(^|\.)(to_k|add_k_proj)$", "k"), (r"(^|\.)(to_v|add_v_proj)$", "v"),
     (r"\.qkv$", "qkv"), (r"(to_out\.0|to_add_out|attn\.proj)$", "attn_out"),
@@ -354,7 +354,7 @@ def test_expected_matches_the_graph(name, overrides):
 
 @pytest.mark.skipif(not _HAS_DIFFUSERS, reason="diffusers is not installed")
 def test_tiny_overrides():
-    from fxdit.models import tiny
+    from fxdit.apps.models import tiny
 
     spec = models.build("wan", num_layers=1, frames=2)
     assert len(spec.model.blocks) == 1

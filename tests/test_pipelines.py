@@ -1,6 +1,6 @@
 """Real diffusers pipelines end to end: ``pipe.transformer = torch.compile(..., backend="fxdit")``.
 
-Every pipeline is built offline from tiny random components (:mod:`fxdit.models.pipelines`), saved with
+Every pipeline is built offline from tiny random components (:mod:`fxdit.apps.models.pipelines`), saved with
 ``save_pretrained`` and loaded back with ``from_pretrained``. The default run uses the ``no_inductor`` fixture (the
 real backend: passes, registry, ICC runtime; the rewritten graph runs as Python); the cases that compile whole
 pipelines with inductor are ``slow`` (``pytest -m slow tests/test_pipelines.py``).
@@ -31,8 +31,8 @@ pytest.importorskip("transformers")
 import fxdit.kernels.ops  # noqa: E402,F401  (registers fxdit::grouped_attention)
 
 import fxdit  # noqa: E402
+from fxdit.apps.models import pipelines as P  # noqa: E402
 from fxdit.config import CACHE_ROLES  # noqa: E402
-from fxdit.models import pipelines as P  # noqa: E402
 
 FAMILIES = list(P.PIPELINES)
 

@@ -9,8 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxdit.errors import FxditError
-from fxdit.quality import (
+from fxdit.apps.quality import (
     DATA_RANGE,
     DEFAULT_GATES,
     Gates,
@@ -21,6 +20,7 @@ from fxdit.quality import (
     psnr,
     ssim,
 )
+from fxdit.errors import FxditError
 
 
 def _images(seed: int = 0, n: int = 3) -> torch.Tensor:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import fxdit.sampler as sampling
+import fxdit.apps.sampler as sampling
 from fxdit.errors import FxditError
 
 DEMO_DIR = sampling.SHIPPED_MODELS["demo-dit"]
@@ -64,7 +64,7 @@ def test_shipped_model_records_a_quality_check_at_the_default_guidance_meeting_t
 @pytest.mark.slow
 def test_shipped_model_samples_are_recognised_as_their_class():
     """Sample one digit of each class twice (DDIM 25 steps, default CFG) and classify them for real."""
-    from fxdit.quality import load_classifier
+    from fxdit.apps.quality import load_classifier
 
     loaded = sampling.load_dit("demo-dit")
     labels = sampling.class_labels(range(10), per_class=2)
@@ -176,7 +176,7 @@ def test_sampler_module_does_not_shadow_the_runtime_context():
     import fxdit
     import fxdit.runtime
 
-    assert fxdit.sampling is fxdit.runtime.sampling  # the sampler lives in fxdit.sampler, not fxdit.sampling
+    assert fxdit.sampling is fxdit.runtime.sampling  # the sampler lives in fxdit.apps.sampler, not fxdit.sampling
     model = torch.nn.Linear(2, 2)
     with fxdit.sampling(model, calls_per_step=2):
         pass

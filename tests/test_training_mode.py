@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import fxdit
-from fxdit import backend, models
+from fxdit import backend
+from fxdit.apps import models
 from fxdit.errors import FxditError
 
 LOSSY = {"attention": {"mode": "grat-b", "group": (2, 2), "min_tokens": 0}}

@@ -55,7 +55,7 @@ class Timer:
 
 
 def dit_xl_width(depth: int = 4, batch: int = 2):
-    from fxdit.models.dit import DiT, DiTConfig
+    from fxdit.apps.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
     cfg = DiTConfig(depth=depth, hidden=1152, heads=16, patch=2, input_size=(32, 32), in_channels=4,
@@ -113,7 +113,7 @@ def _runtime(model) -> Any:
 # -- part a ----------------------------------------------------------------------------------------------------
 def part_a(rounds: int, ranks: list[int], out: dict[str, Any]) -> None:
     import fxdit
-    from fxdit.models.dit import block_linear_roles
+    from fxdit.apps.models.dit import block_linear_roles
 
     model, x, y = dit_xl_width()
     mods = block_linear_roles(model)
@@ -159,8 +159,8 @@ def part_a(rounds: int, ranks: list[int], out: dict[str, Any]) -> None:
 # -- part b ----------------------------------------------------------------------------------------------------
 def part_b(steps: int, repeats: int, out: dict[str, Any]) -> None:
     import fxdit
-    from fxdit.models.dit import block_linear_roles
-    from fxdit.sampler import make_scheduler
+    from fxdit.apps.models.dit import block_linear_roles
+    from fxdit.apps.sampler import make_scheduler
 
     model, x0, y = dit_xl_width()
     mods = block_linear_roles(model)
@@ -198,8 +198,8 @@ def part_b(steps: int, repeats: int, out: dict[str, Any]) -> None:
 # -- part c ----------------------------------------------------------------------------------------------------
 def part_c(steps: int, n: int, ranks: list[int], out: dict[str, Any]) -> None:
     import fxdit
-    from fxdit.quality import psnr
-    from fxdit.sampler import DEFAULT_GUIDANCE, Denoiser, class_labels, ddim_sample, initial_noise, load_dit
+    from fxdit.apps.quality import psnr
+    from fxdit.apps.sampler import DEFAULT_GUIDANCE, Denoiser, class_labels, ddim_sample, initial_noise, load_dit
 
     loaded = load_dit("demo-dit")
     model, sched = loaded.transformer, loaded.scheduler
@@ -280,9 +280,9 @@ def part_d(ranks: list[int], out: dict[str, Any]) -> None:
     from fxdit.passes.record_linear_caches import record_linear_caches
 
     import fxdit
+    from fxdit.apps.models.dit import DiT, DiTConfig
     from fxdit.config import FxditConfig
     from fxdit.cost import macs
-    from fxdit.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
     model = DiT(DiTConfig(depth=2, hidden=384, heads=6, input_size=(32, 32), num_classes=10)).eval()

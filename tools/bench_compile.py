@@ -18,7 +18,7 @@ import tempfile
 
 _CHILD = r"""
 import json, sys, time, torch
-from fxdit import models
+from fxdit.apps import models
 name, backend, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 spec = models.build(name)
 kw = {"options": options} if backend == "fxdit" else {}

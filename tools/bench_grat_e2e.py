@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from fxdit.kernels import grat_layout as gl
 
     import fxdit
-    from fxdit.models.dit import DiT, DiTConfig
+    from fxdit.apps.models.dit import DiT, DiTConfig
 
     cfg = DiTConfig(depth=args.depth, hidden=args.hidden, heads=args.heads, patch=args.patch,
                     input_size=(args.input, args.input), in_channels=4, num_classes=10)

@@ -85,7 +85,7 @@ def _mib(b: float) -> str:
 def _model_and_inputs():
     import torch
 
-    from fxdit.models.dit import DiT, DiTConfig
+    from fxdit.apps.models.dit import DiT, DiTConfig
 
     cfg = DiTConfig(depth=2, hidden=64, heads=4, input_size=(256, 256), num_classes=4)
     torch.manual_seed(0)

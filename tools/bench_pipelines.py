@@ -1,6 +1,6 @@
 """Tiny diffusers pipelines end to end with fxdit: what each family gets rewritten, and ICC/GRAT speed and quality.
 
-For each family of :mod:`fxdit.models.pipelines` (DiT, PixArt-α, SD3, Flux, HunyuanVideo, Wan), the pipeline is
+For each family of :mod:`fxdit.apps.models.pipelines` (DiT, PixArt-α, SD3, Flux, HunyuanVideo, Wan), the pipeline is
 built offline (tiny random components, ``save_pretrained`` + ``from_pretrained``) and run with its classifier-free
 guidance form (batched, or separate cond/uncond calls) in these modes, each a fresh ``torch.compile`` of
 ``pipe.transformer``:
@@ -47,7 +47,7 @@ from _timing import measure  # noqa: E402
 
 import fxdit  # noqa: E402
 from fxdit import registry  # noqa: E402
-from fxdit.models import pipelines as P  # noqa: E402
+from fxdit.apps.models import pipelines as P  # noqa: E402
 
 GROUPS = {"diffusers-dit": (4, 4), "pixart-alpha": (4, 4), "sd3": (4, 4), "flux": (4, 4),
           "hunyuan-video": (1, 2, 3), "wan": (2, 2, 3)}
@@ -130,9 +130,10 @@ def render(rows: list[dict[str, Any]], steps: int, reps: int, rank: int, *, indu
         "# Tiny diffusers pipelines end to end",
         "",
         "Written by `tools/bench_pipelines.py` (do not edit by hand). Each pipeline is built offline from tiny random",
-        "components (`fxdit/models/pipelines.py`: transformer from `fxdit/models/tiny.py`, tiny VAE, tiny CLIP/T5/",
-        "UMT5/Llama text encoders, character-level tokenizers), saved with `save_pretrained` and loaded with",
-        "`from_pretrained`, then called with `pipe.transformer = torch.compile(..., backend=\"fxdit\", options=...)`.",
+        "components (`fxdit/apps/models/pipelines.py`: transformer from `fxdit/apps/models/tiny.py`, tiny VAE,",
+        "tiny CLIP/T5/UMT5/Llama text encoders, character-level tokenizers), saved with `save_pretrained`",
+        "and loaded with `from_pretrained`, then called with",
+        "`pipe.transformer = torch.compile(..., backend=\"fxdit\", options=...)`.",
         f"Settings: {steps} denoising steps per call; ICC with plain-SVD factors of rank {rank} (calibrated on the",
         "tiny transformer, no data) and a full step every 2nd step; GRAT-B radius 1 with a group tiling the tiny",
         "grid (`min_tokens=0`). Guidance: the pipeline's CFG form (batched = one call of batch 2 per step;",

@@ -400,7 +400,7 @@ def make_inputs(model: torch.nn.Module, layout: str, grid: tuple[int, int, int],
 
 
 def output_tensor(out: Any) -> torch.Tensor:
-    from fxdit.models import output_tensor as _out
+    from fxdit.apps.models import output_tensor as _out
 
     return _out(out)
 

@@ -1,4 +1,4 @@
-"""Train the small digit classifier that judges demo samples (fxdit.quality.DigitClassifier).
+"""Train the small digit classifier that judges demo samples (fxdit.apps.quality.DigitClassifier).
 
 Data: sklearn ``load_digits`` scaled to [-1, 1] and upsampled to 32×32 as the demo model saw it; a seeded
 80/20 split reports held-out accuracy, then the final model is trained on all images. Augmentation: random
@@ -6,7 +6,7 @@ shifts of up to 2 pixels (as the diffusion model's training). Adam, lr 3e-3, bat
 
 Usage::
 
-    python tools/train_classifier.py --out fxdit/data/classifier
+    python tools/train_classifier.py --out fxdit/apps/data/classifier
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_demo_model import random_shift  # noqa: E402
 
-from fxdit.quality import DigitClassifier, digits_dataset  # noqa: E402
+from fxdit.apps.quality import DigitClassifier, digits_dataset  # noqa: E402
 
 
 def train(x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed: int, lr: float, batch: int) -> DigitClassifier:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("fxdit/data/classifier"))
+    p.add_argument("--out", type=Path, default=Path("fxdit/apps/data/classifier"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=3e-3)

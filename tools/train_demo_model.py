@@ -24,7 +24,7 @@ with ``DiTTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32)``.
 
 Usage::
 
-    python tools/train_demo_model.py --out fxdit/data/demo_dit --time-budget-min 50
+    python tools/train_demo_model.py --out fxdit/apps/data/demo_dit --time-budget-min 50
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def save_checkpoint(ema, out: Path, info: dict) -> None:
 
 def evaluate(folder: Path, per_class: int, steps: int, guidance: float) -> dict:
     """The quality bar: DDIM ``steps`` + CFG samples of every class, judged by the shipped digit classifier."""
-    import fxdit.sampler as sampling
-    from fxdit.quality import SampleScorer
+    import fxdit.apps.sampler as sampling
+    from fxdit.apps.quality import SampleScorer
 
     loaded = sampling.load_dit(folder)
     labels = sampling.class_labels(range(NUM_CLASSES), per_class)
@@ -159,7 +159,7 @@ def record_eval(out: Path, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("fxdit/data/demo_dit"))
+    p.add_argument("--out", type=Path, default=Path("fxdit/apps/data/demo_dit"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=32)

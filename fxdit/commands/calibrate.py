@@ -7,10 +7,10 @@
 Calibration data for ``ca-svd``/``cd-svd``:
 
 * Models with a sampler (the shipped ``demo-dit`` or a diffusers DiT/PixArt ``save_pretrained`` folder, loaded
-  with :func:`fxdit.sampler.load_dit`): DDIM (η = 0) trajectories from seeded noise and random class labels, no
+  with :func:`fxdit.apps.sampler.load_dit`): DDIM (η = 0) trajectories from seeded noise and random class labels, no
   classifier-free guidance (as ICC calibrates). ``ca-svd`` records every call; ``cd-svd`` differences consecutive
   calls of each trajectory. ``--samples`` is the number of trajectories.
-* Other models (the shipped ``fxdit.models`` names, ``module:factory``): no sampler is known, so random calls are
+* Other models (the shipped ``fxdit.apps.models`` names, ``module:factory``): no sampler is known, so random calls are
   drawn by :func:`fxdit.calibration.diffusion_calls`: the example call's latent is replaced by
   ``√ᾱ_t·x0 + √(1−ᾱ_t)·ε`` with ``x0, ε ~ N(0, I)`` and ``t`` drawn per sample from a 50-step grid of the DDPM
   linear-β schedule; ``cd-svd`` pairs each call with the same ``x0, ε`` at the previous grid timestep. The latent
@@ -54,7 +54,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, metavar="NAME|module:factory|FOLDER",
-                   help="a shipped model name (fxdit.models names, or demo-dit), 'package.module:factory' "
+                   help="a shipped model name (fxdit.apps.models names, or demo-dit), 'package.module:factory' "
                         "returning a ModelSpec or (model, args, kwargs), or a diffusers save_pretrained folder")
     p.add_argument("--method", default="svd", choices=("svd", "ca-svd", "cd-svd"),
                    help="factorisation (default: %(default)s; ca-/cd-svd need calibration calls, see above)")
@@ -130,7 +130,7 @@ def _sampler_data(loaded: Any, args: argparse.Namespace) -> tuple[Any, Any]:
 
     from fxdit import calibration
 
-    sampling = importlib.import_module("fxdit.sampler")
+    sampling = importlib.import_module("fxdit.apps.sampler")
     model = loaded.transformer
     shape = sampling.sample_shape(model)
     den = sampling.Denoiser.for_model(model, seed=args.seed)
@@ -162,14 +162,14 @@ def _sampler_data(loaded: Any, args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """``(model, example, calib_inputs)``."""
-    from fxdit import models
+    from fxdit.apps import models
 
     if args.model in models.names():
         spec = models.build(args.model, batch=args.batch, seed=args.seed)
         return (spec.model, *_spec_data(spec, args))
     import importlib
 
-    sampling = importlib.import_module("fxdit.sampler")
+    sampling = importlib.import_module("fxdit.apps.sampler")
     if os.path.isdir(args.model) or args.model in sampling.SHIPPED_MODELS:
         loaded = sampling.load_dit(args.model)
         return (loaded.transformer, *_sampler_data(loaded, args))

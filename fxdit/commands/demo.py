@@ -31,7 +31,7 @@ def add_common(p: argparse.ArgumentParser, *, steps: int, per_class: int) -> Non
                    help="comma-separated class labels (default 0..9)")
     p.add_argument("--per-class", type=int, default=per_class, help="samples per class (default %(default)s)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: fxdit.sampler.DEFAULT_GUIDANCE, 1.5)")
+                   help="classifier-free guidance scale (default: fxdit.apps.sampler.DEFAULT_GUIDANCE, 1.5)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--rank", type=int, default=64, help="SVD rank of the ICC factors computed on the fly (default 64)")
     p.add_argument("--psnr-gate", type=float, default=25.0, help="PSNR gate in dB vs full computation (default 25)")
@@ -41,7 +41,7 @@ def add_common(p: argparse.ArgumentParser, *, steps: int, per_class: int) -> Non
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``fxdit demo``."""
-    from fxdit.demo import MODES
+    from fxdit.apps.demo import MODES
 
     p = subparsers.add_parser("demo", help="compare eager / inductor / fxdit modes on the shipped digits DiT",
                               description=__doc__)
@@ -54,10 +54,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Any:
     """CompareSettings from parsed arguments."""
-    from fxdit.demo import CompareSettings
+    from fxdit.apps.demo import CompareSettings
+    from fxdit.apps.quality import Gates
+    from fxdit.apps.sampler import DEFAULT_GUIDANCE
     from fxdit.errors import FxditError
-    from fxdit.quality import Gates
-    from fxdit.sampler import DEFAULT_GUIDANCE
 
     if args.steps < 1 or args.per_class < 1 or not args.classes:
         raise FxditError(f"--steps={args.steps}, --per-class={args.per_class}, --classes={args.classes}; expected "
@@ -74,8 +74,8 @@ def execute(args: argparse.Namespace, modes: list[Any], model: str) -> int:
 
     import torch
 
-    import fxdit.sampler as sampling
-    from fxdit.demo import compare, format_table, write_outputs
+    import fxdit.apps.sampler as sampling
+    from fxdit.apps.demo import compare, format_table, write_outputs
 
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -83,7 +83,7 @@ def execute(args: argparse.Namespace, modes: list[Any], model: str) -> int:
     loaded = sampling.load_dit(model)
     scorer = None
     if _is_digits_model(loaded):
-        from fxdit.quality import SampleScorer
+        from fxdit.apps.quality import SampleScorer
 
         scorer = SampleScorer()
     results = compare(loaded, modes, settings, scorer)
@@ -107,6 +107,6 @@ def _is_digits_model(loaded: Any) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fxdit demo``."""
-    from fxdit.demo import select_modes
+    from fxdit.apps.demo import select_modes
 
     return execute(args, select_modes(args.modes), args.model)

@@ -46,7 +46,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", metavar="NAME|module:factory",
                    help="a shipped model name (see --list-models) or 'package.module:factory', where factory() "
-                        "returns an fxdit.models.ModelSpec or a (model, args, kwargs) tuple")
+                        "returns an fxdit.apps.models.ModelSpec or a (model, args, kwargs) tuple")
     p.add_argument("--out", metavar="DIR", default="fxdit_dump",
                    help="dump directory (default: %(default)s); graphs go to DIR/graph_NNN/")
     p.add_argument("--shape", metavar="HxW|TxHxW", type=parse_shape,
@@ -129,7 +129,7 @@ def _shape_overrides(shape: tuple[int, ...]) -> list[dict[str, Any]]:
 
 
 def _model_spec(args: argparse.Namespace) -> Any:
-    from fxdit import models
+    from fxdit.apps import models
     from fxdit.errors import FxditError
 
     spec = args.model
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     from fxdit.errors import FxditError
 
     if args.list_models:
-        from fxdit import models
+        from fxdit.apps import models
 
         for name in models.names():
             print(name)

@@ -32,8 +32,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def modes_for(options: dict[str, Any]) -> list[Any]:
     """The rows of an evaluation of ``options`` (parsed JSON)."""
+    from fxdit.apps.demo import MODES, Mode, SvdFactors
     from fxdit.config import FxditConfig
-    from fxdit.demo import MODES, Mode, SvdFactors
 
     options = json.loads(json.dumps(options))
     cache = options.get("cache")

@@ -519,7 +519,7 @@ def dit_end_to_end(device: str | torch.device, *, grat: bool = True, icc: bool =
     step, the schedule the runtime followed, how often each Triton launcher ran, and what the passes reported.
     """
     import fxdit
-    from fxdit.models.dit import DiT, DiTConfig, block_linear_roles, set_lowrank_block_weights
+    from fxdit.apps.models.dit import DiT, DiTConfig, block_linear_roles, set_lowrank_block_weights
 
     torch.manual_seed(0)
     cfg_m = DiTConfig(depth=depth, hidden=hidden, heads=heads, input_size=input_size, num_classes=10,

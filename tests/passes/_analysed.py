@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-import fxdit.models as models
+import fxdit.apps.models as models
 from fxdit.analysis import GraphAnalysis, analyze
 
 try:

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxdit.analysis import analyze
+from fxdit.apps.models.dit import DiT, DiTConfig
 from fxdit.config import FxditConfig
-from fxdit.models.dit import DiT, DiTConfig
 
 CFG = FxditConfig()
 
@@ -387,7 +387,7 @@ def test_diffusers_classic_processor_baddbmm_form():
     """diffusers' AttnProcessor: heads folded into the batch, baddbmm(empty|mask, q, kᵀ, alpha=scale), bmm."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    import fxdit.models as models
+    import fxdit.apps.models as models
 
     spec = models.build("pixart-alpha")
     for m in spec.model.modules():

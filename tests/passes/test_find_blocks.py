@@ -220,7 +220,7 @@ def test_reshape_patchify_grid(shape, grid):
 
 def test_dynamic_shapes_use_trace_time_sizes():
     """A graph Dynamo traced with symbolic sizes is analysed with their example values."""
-    import fxdit.models as models
+    import fxdit.apps.models as models
 
     spec = models.build("dit-tiny", batch=2)
     graphs = []
@@ -246,7 +246,7 @@ def test_dynamic_shapes_use_trace_time_sizes():
     pytest.param("hunyuan-video", {"num_single_layers": 2, "num_refiner_layers": 2}, marks=needs("hunyuan-video")),
 ])
 def test_model_variants(name, overrides):
-    import fxdit.models as models
+    import fxdit.apps.models as models
 
     spec = models.build(name, **overrides)
     (g,) = analyze(spec.model, *spec.args, **spec.kwargs)

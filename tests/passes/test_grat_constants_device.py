@@ -14,8 +14,8 @@ from fxdit.passes._fx_utils import fresh_copy, fxdit_meta
 from fxdit.passes.pipeline import find_attention, find_blocks
 from fxdit.passes.rewrite_grouped_attention import rewrite_grouped_attention
 
+from fxdit.apps.models.dit import DiT, DiTConfig
 from fxdit.config import FxditConfig
-from fxdit.models.dit import DiT, DiTConfig
 
 
 def _analysed_copy(*, hoist: bool):

@@ -27,10 +27,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from icc_oracle import IccOracle
 
+from fxdit.apps.models.dit import DiT, DiTConfig
 from fxdit.calibration import Factors, weight_fingerprint
 from fxdit.config import FxditConfig
 from fxdit.errors import FxditError
-from fxdit.models.dit import DiT, DiTConfig
 
 CACHED = ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out")
 #: The reference DiT's block linears by role (module path inside a block).

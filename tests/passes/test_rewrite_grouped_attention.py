@@ -36,11 +36,11 @@ from fxdit.passes.rewrite_grouped_attention import (
 )
 from grat_oracle import grouped_sdpa
 
-import fxdit.models as M
+import fxdit.apps.models as M
+from fxdit.apps.models import output_tensor
+from fxdit.apps.models.dit import DiT, DiTConfig
 from fxdit.config import FxditConfig
 from fxdit.errors import FxditError
-from fxdit.models import output_tensor
-from fxdit.models.dit import DiT, DiTConfig
 
 OP = torch.ops.fxdit.grouped_attention.default
 SDPA = torch._C._nn.scaled_dot_product_attention

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-import fxdit.sampler as sampling
+import fxdit.apps.sampler as sampling
+from fxdit.apps.quality import DEFAULT_GATES, Gates, psnr, ssim
 from fxdit.errors import FxditError, did_you_mean
-from fxdit.quality import DEFAULT_GATES, Gates, psnr, ssim
 
 __all__ = [
     "MODES",
@@ -400,10 +400,10 @@ def compare(loaded: sampling.LoadedModel, modes: Sequence[Mode], settings: Compa
     ``torch._dynamo.reset()`` runs between compiled modes so each is compiled from scratch with its own backend.
 
     Args:
-        loaded: the model (see :func:`fxdit.sampler.load_dit`).
+        loaded: the model (see :func:`fxdit.apps.sampler.load_dit`).
         modes: the rows.
         settings: what to sample.
-        scorer: a :class:`fxdit.quality.SampleScorer` for class accuracy / IS / FD, or ``None``.
+        scorer: a :class:`fxdit.apps.quality.SampleScorer` for class accuracy / IS / FD, or ``None``.
     """
     model = loaded.transformer
     labels = sampling.class_labels(settings.classes, settings.per_class)
@@ -602,7 +602,7 @@ def write_outputs(results: Sequence[ModeResult], out: str | Path, *, settings: C
           f"{list(settings.classes)}, {settings.per_class} per class, seed {settings.seed}, SVD rank {settings.rank}. "
           f"Gates vs the full computation (eager, same noise): PSNR > {settings.gates.psnr_db} dB and SSIM > "
           f"{settings.gates.ssim}. Time: one sampling run after a warm-up run (compilation excluded). "
-          "MACs: estimated per run from layer shapes (see fxdit/demo.py). Class accuracy, the IS-like score and "
+          "MACs: estimated per run from layer shapes (see fxdit/apps/demo.py). Class accuracy, the IS-like score and "
           "FD (Fréchet distance in the digit classifier's feature space vs all real digits) use the shipped "
           "classifier; with few samples FD is noisy and only comparable between rows. Timings are wall clock on a "
           "shared machine: see the load average below.", ""]

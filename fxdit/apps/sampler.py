@@ -7,7 +7,7 @@ same noise.
 
 Example::
 
-    from fxdit import sampler
+    from fxdit.apps import sampler
     model, scheduler = sampler.load_dit("demo-dit")
     labels = sampler.class_labels(range(10), per_class=2)
     noise = sampler.initial_noise(len(labels), sampler.sample_shape(model), seed=0)

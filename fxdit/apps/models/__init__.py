@@ -4,12 +4,12 @@ Each named model comes as a :class:`ModelSpec`: the module (eval mode, fp32, see
 inputs for its forward, and an :class:`Expected` record of what the graph analysis must find in it (attention
 sites, blocks, linear roles per block, token grid, text/image spans), derived from the model's config.
 
-    spec = fxdit.models.build("dit-tiny", batch=2)
+    spec = fxdit.apps.models.build("dit-tiny", batch=2)
     out = spec.run()                      # eager
     out = spec.run(torch.compile(spec.model, backend="fxdit"))
 
-Names: :func:`names`. The reference DiT lives in :mod:`fxdit.models.dit`; tiny configurations of the diffusers
-transformers (built offline from configs, no downloads) in :mod:`fxdit.models.tiny`. Importing this package
+Names: :func:`names`. The reference DiT lives in :mod:`fxdit.apps.models.dit`; tiny configurations of the diffusers
+transformers (built offline from configs, no downloads) in :mod:`fxdit.apps.models.tiny`. Importing this package
 does not import diffusers; the diffusers builders import it when called.
 """
 
@@ -134,7 +134,7 @@ def output_tensor(out: Any) -> torch.Tensor:
 
 
 def dit_expected(cfg: Any) -> Expected:
-    """Expectations of the reference :class:`~fxdit.models.dit.DiT` for ``cfg`` (a ``DiTConfig``).
+    """Expectations of the reference :class:`~fxdit.apps.models.dit.DiT` for ``cfg`` (a ``DiTConfig``).
 
     One self-attention per block (joint text+image attention when ``text_tokens > 0``); per block one each
     of ``qkv`` (fused ``attn.qkv``), ``attn_out`` (``attn.proj``), ``mlp_in`` (``mlp.fc1``), ``mlp_out``
@@ -172,7 +172,7 @@ def _seeded(seed: int, fn: Callable[[], Any]) -> Any:
 
 def _build_dit(name: str, defaults: dict[str, Any], description: str) -> Callable[..., ModelSpec]:
     def builder(*, batch: int = 1, seed: int = 0, **overrides: Any) -> ModelSpec:
-        from fxdit.models.dit import DiT, DiTConfig
+        from fxdit.apps.models.dit import DiT, DiTConfig
 
         unknown = set(overrides) - set(DiTConfig.__dataclass_fields__)
         if unknown:
@@ -214,7 +214,7 @@ _BUILDERS: dict[str, Callable[..., ModelSpec]] = {
 
 def _diffusers_builder(name: str) -> Callable[..., ModelSpec]:
     def builder(*, batch: int = 1, seed: int = 0, **overrides: Any) -> ModelSpec:
-        from fxdit.models import tiny
+        from fxdit.apps.models import tiny
 
         return tiny.build(name, batch=batch, seed=seed, **overrides)
 

@@ -5,7 +5,7 @@ Two kinds of numbers:
 - **Fidelity** of an accelerated run to the full computation from the same noise: :func:`psnr` (fp64) and
   :func:`ssim` (torchmetrics), with the default gates of :data:`DEFAULT_GATES` (PSNR > 25 dB, SSIM > 0.90).
 - **Sample quality** judged by :class:`DigitClassifier`, a small CNN trained on the same digits as the demo
-  model (shipped in ``fxdit/data/classifier``): :func:`class_accuracy`, an Inception-Score-like score
+  model (shipped in ``fxdit/apps/data/classifier``): :func:`class_accuracy`, an Inception-Score-like score
   (torchmetrics ``InceptionScore`` over the classifier's logits) and a Fréchet distance in the
   classifier's feature space against real digits (torchmetrics ``FrechetInceptionDistance`` with the
   classifier as the feature extractor). These are meaningful for the demo model only; for other models

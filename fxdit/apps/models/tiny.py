@@ -6,7 +6,7 @@ model: joint text+image attention and its token order, cross-attention, padded-t
 non-square grids, blocks that differ from each other. Read against diffusers 0.42.1
 (``diffusers/models/transformers/`` and ``attention.py``, ``attention_processor.py``).
 
-Counting conventions of :class:`~fxdit.models.Expected` (also used by ``tests/test_models.py``, which
+Counting conventions of :class:`~fxdit.apps.models.Expected` (also used by ``tests/test_models.py``, which
 checks every number against the Dynamo graph):
 
 - an *attention site* is one ``scaled_dot_product_attention`` call in one forward;
@@ -79,7 +79,7 @@ def _dit_inputs(cfg: Any, inp: dict[str, Any], batch: int) -> tuple[tuple, dict[
 
 
 def _dit_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
-    from fxdit.models import Expected
+    from fxdit.apps.models import Expected
 
     n_layers = cfg["num_layers"]
     g = cfg["sample_size"] // cfg["patch_size"]
@@ -129,7 +129,7 @@ def _pixart_inputs(cfg: Any, inp: dict[str, Any], batch: int) -> tuple[tuple, di
 
 
 def _pixart_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
-    from fxdit.models import Expected
+    from fxdit.apps.models import Expected
 
     n_layers = cfg["num_layers"]
     g = cfg["sample_size"] // cfg["patch_size"]
@@ -167,7 +167,7 @@ def _sd3_inputs(cfg: Any, inp: dict[str, Any], batch: int) -> tuple[tuple, dict[
 
 
 def _sd3_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
-    from fxdit.models import Expected
+    from fxdit.apps.models import Expected
 
     n_layers = cfg["num_layers"]
     p = cfg["patch_size"]
@@ -238,7 +238,7 @@ def _single_stream_roles() -> dict[str, int]:
 
 
 def _flux_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
-    from fxdit.models import Expected
+    from fxdit.apps.models import Expected
 
     n_double, n_single = cfg["num_layers"], cfg["num_single_layers"]
     gh, gw, n_txt = inp["grid_h"], inp["grid_w"], inp["text_tokens"]
@@ -285,7 +285,7 @@ def _hunyuan_inputs(cfg: Any, inp: dict[str, Any], batch: int) -> tuple[tuple, d
 
 
 def _hunyuan_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
-    from fxdit.models import Expected
+    from fxdit.apps.models import Expected
 
     n_double, n_single, n_ref = cfg["num_layers"], cfg["num_single_layers"], cfg["num_refiner_layers"]
     p, pt = cfg["patch_size"], cfg["patch_size_t"]
@@ -325,7 +325,7 @@ def _wan_inputs(cfg: Any, inp: dict[str, Any], batch: int) -> tuple[tuple, dict[
 
 
 def _wan_expected(cfg: dict[str, Any], inp: dict[str, Any]) -> Any:
-    from fxdit.models import Expected
+    from fxdit.apps.models import Expected
 
     n_layers = cfg["num_layers"]
     pt, ph, pw = cfg["patch_size"]
@@ -413,7 +413,7 @@ TINY: dict[str, _Tiny] = {
 
 
 def expected_for(name: str, **overrides: Any) -> Any:
-    """The :class:`~fxdit.models.Expected` of a tiny model without building it."""
+    """The :class:`~fxdit.apps.models.Expected` of a tiny model without building it."""
     spec = TINY[name]
     cfg, inp = _split_overrides(name, spec, overrides)
     return spec.expected(cfg, inp)
@@ -451,12 +451,12 @@ def build(name: str, *, batch: int = 1, seed: int = 0, **overrides: Any) -> Any:
         **overrides: diffusers config keys, or the input-size keys of the model (``text_tokens``, ``height``...).
 
     Returns:
-        A :class:`~fxdit.models.ModelSpec`.
+        A :class:`~fxdit.apps.models.ModelSpec`.
 
     Raises:
         FxditError: unknown name or override.
     """
-    from fxdit.models import ModelSpec
+    from fxdit.apps.models import ModelSpec
 
     if name not in TINY:
         raise FxditError(f"tiny model {name!r} is unknown{did_you_mean(name, TINY)}; expected one of {list(TINY)}")

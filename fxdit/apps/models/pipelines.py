@@ -1,7 +1,7 @@
 """Tiny, offline diffusers pipelines: every component random, seeded, saved and loaded back like a real checkpoint.
 
-One pipeline per DiT family of :mod:`fxdit.models.tiny`, built from the same transformer config (so the
-expectations of :func:`fxdit.models.tiny.expected_for` apply to the graph Dynamo traces inside the pipeline):
+One pipeline per DiT family of :mod:`fxdit.apps.models.tiny`, built from the same transformer config (so the
+expectations of :func:`fxdit.apps.models.tiny.expected_for` apply to the graph Dynamo traces inside the pipeline):
 
 - ``diffusers-dit``: ``DiTPipeline`` (``AutoencoderKL``, ``DDIMScheduler``);
 - ``pixart-alpha``: ``PixArtAlphaPipeline`` (T5 encoder and tokenizer, ``AutoencoderKL``, DPM-Solver++);
@@ -20,8 +20,8 @@ token. :func:`build` writes the pipeline with ``save_pretrained`` and loads it b
 arguments that make the transformer see the tiny model's token grid and text length, and the classifier-free
 guidance forms the pipeline has (:class:`TinyPipeline`).
 
-    pipe = fxdit.models.pipelines.build("flux", tmp_dir)
-    out = pipe(**fxdit.models.pipelines.call_kwargs("flux", steps=4))
+    pipe = fxdit.apps.models.pipelines.build("flux", tmp_dir)
+    out = pipe(**fxdit.apps.models.pipelines.call_kwargs("flux", steps=4))
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class TinyPipeline:
     """One tiny pipeline: how to call it, and what its transformer sees.
 
     Attributes:
-        name: the tiny model name (:data:`fxdit.models.tiny.TINY`).
+        name: the tiny model name (:data:`fxdit.apps.models.tiny.TINY`).
         pipeline: the diffusers pipeline class name.
         call: default ``pipe(...)`` arguments (no generator, no step count, no guidance).
         cfg: guidance forms -> the call arguments that select them. ``"none"``: one conditional call per step;
@@ -57,7 +57,7 @@ class TinyPipeline:
             call per step with the same timestep (true CFG); ``"distilled"``: a guidance-embedding input, one
             call per step.
         calls_per_step: transformer calls per denoising step for each guidance form.
-        sizes: input sizes of :func:`fxdit.models.tiny.expected_for` that the default call produces.
+        sizes: input sizes of :func:`fxdit.apps.models.tiny.expected_for` that the default call produces.
         resize: call arguments giving another resolution (``{}`` when the pipeline fixes it, as DiT does), with
             the input sizes it produces.
         text_padded: the text tokens are padded with a mask the transformer receives.
@@ -183,8 +183,8 @@ def call_kwargs(name: str, *, steps: int = 2, guidance: str | None = None, seed:
 
 
 def expected(name: str, *, resized: bool = False) -> Any:
-    """The :class:`~fxdit.models.Expected` of the transformer graph the default (or resized) call traces."""
-    from fxdit.models import tiny
+    """The :class:`~fxdit.apps.models.Expected` of the transformer graph the default (or resized) call traces."""
+    from fxdit.apps.models import tiny
 
     spec = _spec(name)
     sizes = {**spec.overrides, **spec.sizes}
@@ -378,7 +378,7 @@ def _components(name: str, transformer: Any) -> dict[str, Any]:
 def save(name: str, folder: str | os.PathLike[str], *, seed: int = 0) -> str:
     """Build the tiny pipeline ``name`` with seeded random components and ``save_pretrained`` it to ``folder``.
 
-    The transformer is :func:`fxdit.models.tiny.build` ``(name, seed=seed)``; the other components are seeded
+    The transformer is :func:`fxdit.apps.models.tiny.build` ``(name, seed=seed)``; the other components are seeded
     from ``seed`` too. The caller's RNG state is left unchanged.
 
     Returns:
@@ -389,7 +389,7 @@ def save(name: str, folder: str | os.PathLike[str], *, seed: int = 0) -> str:
     """
     import diffusers
 
-    from fxdit.models import tiny
+    from fxdit.apps.models import tiny
 
     spec = _spec(name)
     transformer = tiny.build(name, seed=seed, **spec.overrides).model
