@@ -7,7 +7,7 @@
 :func:`analyze` traces the model with Dynamo under ``torch.no_grad()``, using a recording backend that copies
 each graph (``fresh_copy``), runs ``find_attention`` and ``find_blocks`` on the copy under a default (or given)
 :class:`~fxdit.config.FxditConfig`, and returns the graph's own ``forward`` (no inductor). Dynamo's caches are
-reset before and after (``torch._dynamo.reset()``), so the call leaves no compiled state behind; functions
+reset before and after (``torch.compiler.reset()``), so the call leaves no compiled state behind; functions
 compiled before it recompile on their next call.
 """
 
@@ -95,12 +95,12 @@ def analyze(model: torch.nn.Module, *args: Any, config: FxditConfig | Mapping[st
         results.append(analyze_graph(gm, example_inputs, cfg))
         return gm.forward
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     try:
         with torch.no_grad():
             compiled = torch.compile(model, backend=recording_backend, dynamic=False)
             compiled(*args, **kwargs)
     finally:
-        torch._dynamo.reset()
+        torch.compiler.reset()
     log.debug("analyze: %d graph(s)", len(results))
     return results

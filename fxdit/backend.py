@@ -25,6 +25,7 @@ import torch.fx as fx
 from fxdit import registry
 from fxdit.config import FxditConfig
 from fxdit.errors import FxditError
+from fxdit.kernels import torch_private
 from fxdit.passes._base import PassReport
 from fxdit.passes._fx_utils import fresh_copy, lifted_constants
 from fxdit.passes.pipeline import PIPELINE
@@ -99,7 +100,7 @@ def _through_dynamo(exc: FxditError) -> FxditError:
     and of ``ShortenTraceback``, with the same message and traceback. Without that class (another torch) ``exc`` is
     returned as it is.
     """
-    passthrough = getattr(getattr(torch._dynamo, "exc", None), "ShortenTraceback", None)
+    passthrough = torch_private.dynamo_passthrough_error()
     if passthrough is None or isinstance(exc, passthrough):
         return exc
     cls = _SURFACED.get(type(exc))
@@ -186,8 +187,8 @@ def run_pipeline(gm: fx.GraphModule, cfg: FxditConfig, *, passes: Sequence[Calla
                 ) from exc
         reports.append(report)
         ran.append(name)
-        torch._dynamo.utils.counters["fxdit"][name] += report.rewritten
-        torch._dynamo.utils.counters["fxdit"][f"{name}.matched"] += report.matched
+        torch_private.counters()["fxdit"][name] += report.rewritten
+        torch_private.counters()["fxdit"][f"{name}.matched"] += report.matched
         if dump is not None:
             dump.after(name, work, report)
     return work, reports
@@ -202,9 +203,7 @@ def _decompositions(gm: fx.GraphModule) -> dict[Any, Callable[..., Any]] | None:
     extra = ops.decompositions_for(gm) if hasattr(ops, "decompositions_for") else {}
     if not extra:
         return None
-    from torch._inductor.decomposition import select_decomp_table
-
-    return {**select_decomp_table(), **extra}
+    return {**torch_private.inductor_decomposition_table(), **extra}
 
 
 def _op_patches(gm: fx.GraphModule) -> dict[str, Any]:
@@ -218,14 +217,11 @@ def _op_patches(gm: fx.GraphModule) -> dict[str, Any]:
 
 def lower(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditConfig) -> Callable[..., Any]:
     """Compile one (rewritten) graph with inductor; lifted constants are appended to every call."""
-    from torch._inductor.compile_fx import compile_fx
-
+    compile_fx = torch_private.inductor_compile_fx()
     consts = lifted_constants(gm)
     # Lifted constants enter as *static* fake tensors: real ones would be fakeified by aot_autograd with dynamic
     # sizes (they have no Dynamo source), and the C++ flex template then references undeclared size symbols.
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode(list(example_inputs))
+    mode = torch_private.detect_fake_mode(list(example_inputs))
     fake_consts = [mode.from_tensor(c, static_shapes=True) for c in consts] if mode is not None else consts
     inputs = list(example_inputs) + fake_consts
     patches = {**_op_patches(gm), **cfg.inductor_patches}

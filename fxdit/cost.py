@@ -60,6 +60,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from fxdit.kernels import torch_private
 from fxdit.passes._fx_utils import fake_value, fxdit_meta
 
 __all__ = ["B", "N", "L", "OP_CLASSES", "NodeCost", "CostRow", "TracedDims", "CostTable", "graph_cost", "macs"]
@@ -292,10 +293,8 @@ def _fill_missing(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = Non
         return {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     given = list(example_inputs) if example_inputs is not None else []
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     values: dict[str, Any] = {}
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = torch_private.fake_tensor_types()[1](allow_non_fake_inputs=True)
     inputs = []
     for i, n in enumerate(placeholders):
         v = fake_value(n)

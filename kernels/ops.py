@@ -25,10 +25,12 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
+from fxdit.kernels import torch_private
 from fxdit.kernels.reference import grouped_attention_ref
 from torch import Tensor
 
-__all__ = ["grouped_attention", "grouped_attention_unsupported", "decompositions_for", "inductor_patches_for"]
+__all__ = ["grouped_attention", "grouped_attention_unsupported", "grouped_attention_dense_lowering", "materialize",
+           "decompositions_for", "inductor_patches_for"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,17 @@ def _grouped_attention_fake(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, kv
     return q.new_empty((b, h, s, v.shape[-1]))
 
 
+@torch.library.custom_op("fxdit::materialize", mutates_args=())
+def materialize(x: Tensor) -> Tensor:
+    """A contiguous copy of ``x`` that inductor cannot fuse away (an opaque op: its output is always a buffer)."""
+    return x.contiguous().clone()
+
+
+@materialize.register_fake
+def _materialize_fake(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _merge_full_into_partial(kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor,
                              full_kv_indices: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
     """One partial list holding both lists (when ``kv_valid`` must be applied everywhere), in-graph, traceable."""
@@ -108,13 +121,30 @@ def _merge_full_into_partial(kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_
     return num, idx
 
 
+_FLEX_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_attention_dense_lowering(device: torch.device | str, q_dtype: torch.dtype, k_dtype: torch.dtype,
+                                     v_dtype: torch.dtype) -> str | None:
+    """Why the compiled path of ``fxdit::grouped_attention`` would run the dense masked formula (``None``: sparse).
+
+    On CUDA the op is the block-sparse Triton kernel (``None``). On CPU, under fxdit's backend, it lowers to
+    inductor's C++ FlexAttention template, which needs fp32/bf16/fp16 q/k/v of one dtype and a CPU the template
+    supports; otherwise inductor compiles the dense masked formula: correct, not faster than dense attention.
+    """
+    if torch.device(device).type != "cpu":
+        return None
+    if not (q_dtype == k_dtype == v_dtype):
+        return f"CPU FlexAttention needs one dtype for q/k/v (got {q_dtype}/{k_dtype}/{v_dtype})"
+    if q_dtype not in _FLEX_CPU_DTYPES:
+        return f"CPU FlexAttention supports fp32/bf16/fp16, not {q_dtype}"
+    if not torch_private.cpu_flex_supported():
+        return "inductor's C++ FlexAttention template is not supported on this CPU"
+    return None
+
+
 def _flex_cpu_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    try:
-        from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
-    except ImportError:  # pragma: no cover - other torch layouts
-        return False
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    return (check_cpu_supported() and q.dtype in dtypes and q.dtype == k.dtype == v.dtype)
+    return grouped_attention_dense_lowering(q.device, q.dtype, k.dtype, v.dtype) is None
 
 
 def _grouped_attention_decomp(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, kv_group: Tensor,
@@ -124,10 +154,9 @@ def _grouped_attention_decomp(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, 
     """CPU lowering: FlexAttention over a BlockMask built in-graph from the tables (see the module docstring)."""
     if q.device.type != "cpu":
         return NotImplemented  # CUDA keeps the opaque op (Triton kernel)
-    if not _flex_cpu_supported(q, k, v) or kv_valid is not None:
-        # float64 / mixed dtypes / no AVX2: inductor compiles the dense masked formula instead. Same for a per-batch
-        # key-padding mask (kv_valid): inductor's C++ flex template finds no valid choice for a mask_mod that indexes
-        # the batch (NoValidChoicesError, torch 2.13), so such sites stay correct but run dense on CPU.
+    if not _flex_cpu_supported(q, k, v):
+        # float64 / mixed dtypes / a CPU the template does not support: inductor compiles the dense masked formula
+        # instead (the pass reports it: grouped_attention_dense_lowering).
         return grouped_attention_ref(q, k, v, q_group, kv_group, group_adj, kv_valid, scale=scale,
                                      compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     return _flex_grouped_attention(q, k, v, q_group, kv_group, group_adj, kv_num_blocks, kv_indices,
@@ -156,8 +185,9 @@ def _flex_grouped_attention(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, kv
     graph uses a different mask. The mask tensors go in as explicit ``mask_mod_other_buffers`` (the form the HOP
     expects) instead of closures.
     """
-    from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_hop
-    from torch.nn.attention.flex_attention import BlockMask, _apply_kernel_options, _identity
+    from torch.nn.attention.flex_attention import BlockMask
+
+    flex = torch_private.flex_internals()
 
     sq, sk = q.shape[2], k.shape[2]
     if kv_valid is None:
@@ -167,14 +197,17 @@ def _flex_grouped_attention(q: Tensor, k: Tensor, v: Tensor, q_group: Tensor, kv
     else:
         mask_mod = _mask_mod_valid
         buffers = (group_adj, q_group, kv_group, kv_valid)
-        # a "full" block is full under group_adj only; with per-batch key validity every block is masked
+        # a "full" block is full under group_adj only; with per-batch key validity every block is masked. The
+        # validity goes in as its own buffer: inductor's C++ template reads mask buffers by name, which an unrealized
+        # (fused) pointwise input has not (NotImplementedError: Pointwise, then NoValidChoicesError, torch 2.13).
         num, idx = _merge_full_into_partial(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                                             -(-sk // block_size))
         tables = (num, idx, None, None)
+        buffers = (group_adj, q_group, kv_group, torch.ops.fxdit.materialize(kv_valid))
     block_mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block_size, mask_mod=mask_mod,  # type: ignore[arg-type]
                                           seq_lengths=(sq, sk), compute_q_blocks=False)
-    kernel_options = _apply_kernel_options(q, k, v, False, None)
-    out, _, _ = flex_attention_hop(q, k, v, _identity, block_mask.as_tuple(), scale, kernel_options, (), buffers)
+    kernel_options = flex.apply_kernel_options(q, k, v, False, None)
+    out, _, _ = flex.hop(q, k, v, flex.identity, block_mask.as_tuple(), scale, kernel_options, (), buffers)
     return out
 
 

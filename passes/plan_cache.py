@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from fxdit.kernels import torch_private
 from fxdit.passes._base import PassReport, ReportBuilder
 from fxdit.passes._fx_utils import fake_value, fxdit_meta, nodes_by_name, shape_of
 
@@ -190,7 +191,7 @@ def _placeholder_tensor(node: fx.Node) -> torch.Tensor | None:
         ex = ga.example
     except Exception:  # noqa: BLE001 - an expired weak reference or a source without example
         return None
-    return ex if isinstance(ex, torch.Tensor) and not isinstance(ex, torch._subclasses.FakeTensor) else None
+    return ex if isinstance(ex, torch.Tensor) and not isinstance(ex, torch_private.fake_tensor_types()[0]) else None
 
 
 def _find_timestep(gm: fx.GraphModule) -> tuple[str, int] | None:

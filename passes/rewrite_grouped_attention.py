@@ -46,6 +46,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from fxdit.kernels import grat_layout as gl
 from fxdit.kernels import ops as _ops  # registers torch.ops.fxdit.grouped_attention
+from fxdit.kernels import torch_private
 from fxdit.passes._base import PassReport, ReportBuilder
 from fxdit.passes._fx_utils import (
     fake_value,
@@ -180,6 +181,18 @@ def _why_not(site: AttentionSite, grid: tuple[int, ...] | None, cfg: FxditConfig
     return None
 
 
+def _dense_lowerings(plans: list[_Plan], nodes: dict[str, fx.Node]) -> dict[str, str]:
+    """Site → why its compiled lowering is the dense masked formula (the kernel layer's answer), for such sites."""
+    out: dict[str, str] = {}
+    for plan in plans:
+        q, k, v = (fake_value(nodes.get(name)) for name in (plan.site.q, plan.site.k, plan.site.v))
+        if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+            reason = _ops.grouped_attention_dense_lowering(q.device, q.dtype, k.dtype, v.dtype)
+            if reason is not None:
+                out[plan.site.node] = reason
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fake values for new nodes (shapes from FakeTensor meta only; nothing runs the model)
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,20 +202,16 @@ class _Meta:
     """Computes FakeTensor values for new nodes under the graph's fake mode, and writes node meta."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        from torch._guards import detect_fake_mode
-
         vals = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"]
         try:
-            self.mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+            self.mode = torch_private.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
         except Exception:  # noqa: BLE001 - mixed fake modes: leave the new nodes without values
             self.mode = None
 
     def _conv(self, a: Any) -> Any:
         v = fake_value(a) if isinstance(a, fx.Node) else a
         if isinstance(v, torch.Tensor) and self.mode is not None:
-            from torch._subclasses.fake_tensor import FakeTensor
-
-            if not isinstance(v, FakeTensor):
+            if not isinstance(v, torch_private.fake_tensor_types()[0]):
                 v = self.mode.from_tensor(v)
         return v
 
@@ -802,6 +811,12 @@ def rewrite_grouped_attention(gm: fx.GraphModule, cfg: FxditConfig) -> PassRepor
         plans.append(_Plan(site, node))
     if not plans:
         return rb.build()
+    dense = _dense_lowerings(plans, nodes)
+    if dense:
+        # rewritten (the result is the grouped pattern) but compiled as the dense masked formula: say so
+        rb.details["dense_lowering"] = dense
+        log.warning("%s: %d grouped attention site(s) will run the dense masked formula, not block-sparse: %s",
+                    _NAME, len(dense), "; ".join(sorted(set(dense.values()))))
 
     assert grid is not None and group is not None
     perm, inv = gl.group_permutation(grid, group)
@@ -824,7 +839,7 @@ def rewrite_grouped_attention(gm: fx.GraphModule, cfg: FxditConfig) -> PassRepor
     rb.details["permutes_saved"] = (PER_SITE_PERMUTES * len(plans) - cost) if hoisted else 0
     rb.details["layouts"] = len(consts.layouts)
     finish(gm, True)
-    torch._dynamo.utils.counters["fxdit"]["grouped_attention_sites"] += rb.rewritten
+    torch_private.counters()["fxdit"]["grouped_attention_sites"] += rb.rewritten
     return rb.build()
 
 

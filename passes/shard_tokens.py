@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxdit.kernels import grat_layout as gl
-from fxdit.kernels import halo
+from fxdit.kernels import halo, torch_private
 from fxdit.kernels import ops as _ops  # noqa: F401 - registers torch.ops.fxdit.grouped_attention
 from fxdit.passes._base import PassReport, ReportBuilder
 from fxdit.passes._fx_utils import fake_value, finish, fxdit_meta, lift_constant, nodes_by_name, shape_of
@@ -326,7 +326,7 @@ def shard_tokens(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
         "ulysses_sites": ulysses_sites, "exits": sorted(set(exits)), "sides": len(cut),
         "bytes_per_layer": bytes_per_layer, "collectives": "functional (torch.ops._c10d_functional), in graph",
     })
-    torch._dynamo.utils.counters["fxdit"]["sharded_attention_sites"] += rb.rewritten
+    torch_private.counters()["fxdit"]["sharded_attention_sites"] += rb.rewritten
     return rb.build()
 
 
@@ -481,9 +481,7 @@ def _refresh_meta(gm: fx.GraphModule) -> None:
     Shapes change under sharding, and graph copies may hold FakeTensors of several fake modes; placeholders are
     re-created as fakes of their recorded shape, stride and dtype (their own meta is left alone).
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = torch_private.fake_tensor_types()[1](allow_non_fake_inputs=True)
     env: dict[fx.Node, Any] = {}
 
     def fresh(v: Any) -> Any:

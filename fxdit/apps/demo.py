@@ -397,7 +397,7 @@ def compare(loaded: sampling.LoadedModel, modes: Sequence[Mode], settings: Compa
     """Sample every mode from the same noise and labels and measure it (see the module docstring).
 
     ``eager`` is always run first (it is the reference), then the others in the given order.
-    ``torch._dynamo.reset()`` runs between compiled modes so each is compiled from scratch with its own backend.
+    ``torch.compiler.reset()`` runs between compiled modes so each is compiled from scratch with its own backend.
 
     Args:
         loaded: the model (see :func:`fxdit.apps.sampler.load_dit`).
@@ -432,7 +432,7 @@ def compare(loaded: sampling.LoadedModel, modes: Sequence[Mode], settings: Compa
             if mode.backend in ("eager", "inductor", "fxdit"):
                 opts = mode.options if mode.backend == "fxdit" else None
                 res.macs = run_macs(cost, opts, steps, _mode_rank(opts, settings.rank))
-            torch._dynamo.reset()
+            torch.compiler.reset()
             from fxdit import registry
 
             earlier = {id(r) for r in registry.all_records()}
@@ -466,7 +466,7 @@ def compare(loaded: sampling.LoadedModel, modes: Sequence[Mode], settings: Compa
         if scorer is not None:
             m = scorer.score(images, labels)
             res.class_accuracy, res.is_score, res.fd = m["class_accuracy"], m["is_score"], m["fd"]
-    torch._dynamo.reset()
+    torch.compiler.reset()
     eager_t = results["eager"].time_s
     ind = results.get("inductor")
     ind_t = ind.time_s if ind is not None else None

@@ -272,8 +272,9 @@ def _check_compiled(layout, *, valid, hkv, d, dtype=torch.float32, bs=16):
 
     if valid is False:
         tensors = tensors[:10] + (None,)
-    compiled = _compile_with_backend_decompositions(fn, tensors)
-    result, code = run_and_get_code(lambda: compiled(*tensors))
+    # compile inside run_and_get_code, so that the generated code is captured
+    result, code = run_and_get_code(lambda: _compile_with_backend_decompositions(fn, tensors)(*tensors))
+    assert code  # the checks on the generated code below read something
     out = result[0] if isinstance(result, (list, tuple)) else result
     q, k, v, cls, _, adj = tensors[:6]
     gold = _sdpa_oracle(q, k, v, _element_mask(cls, cls, adj, tensors[10]), scale) * 2.0 + 1.0
@@ -281,7 +282,10 @@ def _check_compiled(layout, *, valid, hkv, d, dtype=torch.float32, bs=16):
     err = (out.double() - gold).abs().max().item()
     err_ref = (same.double() - gold).abs().max().item()
     assert err <= 2 * err_ref + 4 * torch.finfo(dtype).eps, (err, err_ref)
-    assert not any("fxdit.grouped_attention" in c for c in code)  # lowered, not called back into Python
+    # lowered, not called back into Python (inductor's comments still name the source op)
+    assert not any("torch.ops.fxdit.grouped_attention" in c for c in code)
+    if ops.grouped_attention_dense_lowering("cpu", dtype, dtype, dtype) is None:
+        assert any("kviStrideB" in c for c in code)  # the C++ FlexAttention template, key validity included
 
 
 @pytest.mark.parametrize("valid,hkv,d", [(False, 2, 16), (True, 1, 12)])
@@ -460,3 +464,26 @@ def test_triton_kernel_compiles_for_gpu_targets(dt, cap, bm, bn, dpad, bs, valid
     res = subprocess.run([sys.executable, "-W", "ignore", "-c", _AOT_SCRIPT, dt, str(cap), str(bm), str(bn), str(dpad),
                           str(bs), str(valid), str(ieee)], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_dense_lowering_reasons():
+    """When the compiled CPU path is the dense formula, the kernel layer says why; CUDA and fp32/bf16/fp16 CPU (on a
+    CPU with the flex template) lower to a block-sparse kernel."""
+    from fxdit.kernels import torch_private
+
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
+    assert ops.grouped_attention_dense_lowering("cuda", f64, f64, f64) is None
+    assert "not torch.float64" in ops.grouped_attention_dense_lowering("cpu", f64, f64, f64)
+    assert "one dtype" in ops.grouped_attention_dense_lowering("cpu", f32, bf16, f32)
+    sparse = ops.grouped_attention_dense_lowering("cpu", f32, f32, f32)
+    if torch_private.cpu_flex_supported():
+        assert sparse is None
+    else:  # pragma: no cover - a CPU without the template's instruction set
+        assert "not supported on this CPU" in sparse
+
+
+def test_materialize_op():
+    x = torch.rand(3, 5) > 0.5
+    y = torch.ops.fxdit.materialize(x.t())
+    assert torch.equal(y, x.t()) and y.is_contiguous() and y.data_ptr() != x.data_ptr()
+    torch.library.opcheck(torch.ops.fxdit.materialize, (torch.randn(4, 6),))

@@ -8,6 +8,7 @@ permutations, the hoisting, the sequence layouts and the kv_valid handling.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 
@@ -330,3 +331,18 @@ def test_token_mixing_op_blocks_hoisting():
     exits = report.details.get("hoist_exits", [])
     assert report.details["hoisted"] and any("mean over the token dimension" in e for e in exits)
     _check_against_oracle(gm, work, inputs, model, args, kwargs, cfg)
+
+
+def test_site_compiled_as_dense_formula_is_reported():
+    """A float64 model: CPU FlexAttention takes fp32/bf16/fp16 only, so the compiled lowering of a rewritten site is
+    the dense masked formula; the report says so per site (and an fp32 model has no such entry)."""
+    model, args, kwargs = _dit()
+    cfg = _cfg(mode="grat-b", group=(4, 4))
+    _, _, _, report = _rewrite(model, args, kwargs, cfg)
+    assert report.rewritten == 2 and "dense_lowering" not in report.details
+    model64 = copy.deepcopy(model).double()
+    args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
+    _, _, _, report = _rewrite(model64, args64, kwargs, cfg)
+    assert report.rewritten == 2
+    dense = report.details["dense_lowering"]
+    assert len(dense) == 2 and all("not torch.float64" in why for why in dense.values()), dense
