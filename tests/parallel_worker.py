@@ -142,7 +142,11 @@ def main(argv: list[str]) -> int:
     except BaseException as exc:  # noqa: BLE001 - reported to the parent through the file and the exit status
         with open(os.path.join(outdir, f"error.rank{rank}.txt"), "w") as f:
             f.write(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        return 1
+        # leave without tearing down a process group whose peer is gone: gloo's destructor can abort (SIGABRT)
+        # at interpreter exit, which would replace this rank's exit status 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     return 0
 
 
