@@ -123,6 +123,7 @@ FUNCTION_KINDS: dict[Any, str] = {
     torch.pow: "elementwise",
     torch.clone: "cast",
     torch.einsum: "einsum",
+    torch.broadcast_to: "broadcast",
 }
 for _name in ("rms_norm",):
     for _mod in (F, torch):
@@ -146,6 +147,7 @@ METHOD_KINDS: dict[str, str] = {
     "add_": "elementwise", "mul_": "elementwise", "addcmul": "elementwise", "sigmoid": "elementwise",
     "cos": "elementwise", "sin": "elementwise", "exp": "elementwise", "pow": "elementwise", "rsqrt": "elementwise",
     "gelu": "activation", "silu": "activation", "relu": "activation", "tanh": "activation",
+    "expand": "broadcast", "expand_as": "broadcast", "repeat": "broadcast",
 }
 
 #: Name fragments of graph inputs, used only to break a tie between two token inputs whose shapes cannot tell
@@ -262,8 +264,9 @@ class Layout:
 
     Attributes:
         dim: the sequence dimension (non-negative).
-        segments: ``((stream, length), ...)`` in sequence order; stream is ``"image"``, ``"text"`` or
-            ``"unknown"`` (tokens of another origin, e.g. registers).
+        segments: ``((stream, length), ...)`` in sequence order; stream is ``"image"``, ``"text"``, ``"learned"``
+            (tokens computed from parameters only: register / learned tokens) or ``"unknown"`` (tokens of an origin
+            the graph does not show).
     """
 
     dim: int
@@ -377,6 +380,34 @@ def _split_dim(node: fx.Node, in_nd: int) -> int | None:
     if name == "unbind":
         return _norm_dim(_arg(node, 1, "dim", 0), in_nd)
     return _norm_dim(_arg(node, 2, "dim", 0), in_nd)
+
+
+#: Ops a learned-token piece may pass through between its parameter and the ``cat`` that joins it to a sequence.
+_LEARNED_THROUGH = frozenset({"view", "transpose", "permute", "cast", "elementwise", "broadcast", "getitem",
+                              "norm", "linear"})
+
+
+def _piece_stream(piece: Any, limit: int = 32) -> str:
+    """Stream of a ``cat`` piece that carries no token layout: ``"learned"`` when every value it is computed from is
+    a parameter, a buffer or a constant (register / learned tokens, e.g. ``register_tokens.repeat(B, 1, 1)``), else
+    ``"unknown"`` (tokens of an origin the graph does not show)."""
+    if not isinstance(piece, fx.Node):
+        return "unknown"
+    seen: set[fx.Node] = set()
+    stack = [piece]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return "unknown"
+        if is_param(n):
+            continue
+        if n.op == "placeholder" or kind(n) not in _LEARNED_THROUGH and n.op != "get_attr":
+            return "unknown"
+        stack.extend(a for a in tensor_args(n) if isinstance(fake_value(a), torch.Tensor))
+    return "learned"
 
 
 class _Propagator:
@@ -575,7 +606,7 @@ class _Propagator:
                 if lay is not None and lay.dim == d:
                     segs.extend(lay.segments)
                 else:
-                    segs.append(("unknown", s[d]))
+                    segs.append((_piece_stream(t), s[d]))
             return Layout(d, tuple(segs))
         for lay in lays:
             if lay is not None:

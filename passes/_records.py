@@ -36,7 +36,9 @@ class AttentionSite:
         dropout: dropout probability; ``causal``: the causal flag; ``enable_gqa``: SDPA's GQA flag.
         dtype: dtype name of q.
         image_span: ``(start, stop)`` of the image/video tokens along the sequence, when known.
-        text_span: ``(start, stop)`` of the text tokens, when the sequence joins text and image tokens.
+        text_span: ``(start, stop)`` of the non-image tokens (text, and learned/register tokens beside it), when
+            the sequence joins them to the image tokens in one run; ``None`` when they lie on both sides.
+        global_spans: every run of non-image tokens (the tokens GRAT keeps global), in sequence order.
         cross: True when keys come from another sequence than queries (image→text cross-attention).
         block: index of the transformer block the site lives in (``None`` when outside any block).
         span_source: how the spans were found (``"cat"``: joint text+image sequence, ``"self"``: image tokens
@@ -66,6 +68,7 @@ class AttentionSite:
     layout: str = "BHSD"
     image_span: tuple[int, int] | None = None
     text_span: tuple[int, int] | None = None
+    global_spans: tuple[tuple[int, int], ...] = ()
     cross: bool = False
     block: int | None = None
     span_source: str = "unknown"

@@ -307,16 +307,32 @@ def _spans(q_lay: Layout | None, k_lay: Layout | None, q_len: int, kv_len: int, 
         return unknown
     if "unknown" in q_spans:
         return unknown
-    img, txt = q_spans.get("image", []), q_spans.get("text", [])
-    if len(img) > 1 or len(txt) > 1:
+    img = q_spans.get("image", [])
+    if len(img) > 1:
         return unknown
-    if img and not txt:
+    # Every token that is not an image token (text, learned/register tokens) is a global token of the joint
+    # sequence; its runs may lie on either side of the image tokens.
+    others = sorted(r for s, runs in q_spans.items() if s != "image" for r in runs)
+    joined = _join_runs(others)
+    text = joined[0] if len(joined) == 1 else None
+    if img and not others:
         return {"span_source": "self", "image_span": img[0]}
-    if img and txt:
-        return {"span_source": "cat", "image_span": img[0], "text_span": txt[0]}
-    if txt:
-        return {"span_source": "text", "text_span": txt[0]}
+    if img:
+        return {"span_source": "cat", "image_span": img[0], "text_span": text, "global_spans": tuple(joined)}
+    if others:
+        return {"span_source": "text", "text_span": text, "global_spans": tuple(joined)}
     return unknown
+
+
+def _join_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``(start, stop)`` runs with touching runs joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in runs:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 def _site(node: fx.Node, form: str, nodes: tuple[str, ...], q: fx.Node, k: fx.Node, v: fx.Node, *,
@@ -350,7 +366,8 @@ def _site(node: fx.Node, form: str, nodes: tuple[str, ...], q: fx.Node, k: fx.No
         causal=bool(causal) if isinstance(causal, bool) else False,
         enable_gqa=bool(gqa) if isinstance(gqa, bool) else False,
         dtype=dtype, layout=layout,
-        image_span=span.get("image_span"), text_span=span.get("text_span"), cross=span.get("cross", False),
+        image_span=span.get("image_span"), text_span=span.get("text_span"),
+        global_spans=span.get("global_spans", ()), cross=span.get("cross", False),
         span_source=span["span_source"],
     )
 

@@ -1,0 +1,108 @@
+"""Token layouts the analysis must understand without ``attention.grid``, checked against a dense-mask oracle.
+
+Each model below is written by hand and knows where its tokens are: the test builds the grouped mask from the
+model's own constants (grid, group, where the non-image tokens sit) with the few lines of :func:`grat_mask`, and
+compares the rewritten graph with the eager model whose SDPA calls get that mask (no fxdit helper involved).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, lifted_constants
+from fxdit.passes.pipeline import find_attention, find_blocks
+from fxdit.passes.rewrite_grouped_attention import rewrite_grouped_attention
+from torch import nn
+
+from fxdit.config import FxditConfig
+
+OP = torch.ops.fxdit.grouped_attention.default
+
+
+def grat_mask(grid: tuple[int, int], group: tuple[int, int], radius: int, seq: int, image_start: int) -> torch.Tensor:
+    """bool ``[S, S]``: GRAT-B over raster image tokens at ``image_start``; every other token is global."""
+    n = grid[0] * grid[1]
+    h = torch.arange(n) // grid[1] // group[0]
+    w = torch.arange(n) % grid[1] // group[1]
+    img = ((h[:, None] - h[None, :]).abs() <= radius) & ((w[:, None] - w[None, :]).abs() <= radius)
+    mask = torch.ones(seq, seq, dtype=torch.bool)
+    mask[image_start:image_start + n, image_start:image_start + n] = img
+    return mask
+
+
+class JointWithRegisters(nn.Module):
+    """Joint attention over caption tokens, learned register tokens and patchified image tokens.
+
+    ``order`` gives the sequence order of the three segments, e.g. ``("reg", "text", "image")`` (register tokens
+    beside the caption, both before the image) or ``("text", "image", "reg")`` (non-image tokens on both sides).
+    """
+
+    def __init__(self, order: tuple[str, ...], hidden: int = 32, heads: int = 2, registers: int = 3) -> None:
+        super().__init__()
+        self.order, self.heads = order, heads
+        self.patch = nn.Conv2d(4, hidden, 2, 2)
+        self.registers = nn.Parameter(torch.randn(1, registers, hidden))
+        self.text_proj = nn.Linear(16, hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.mask: torch.Tensor | None = None  # the oracle's mask, when set
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        img = self.patch(x).flatten(2).transpose(1, 2)
+        parts = {"image": img, "text": self.text_proj(text), "reg": self.registers.expand(b, -1, -1)}
+        seq = torch.cat([parts[p] for p in self.order], dim=1)
+        q, k, v = self.qkv(seq).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def _capture(model: nn.Module, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, list]:
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=record, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    gm, inputs = graphs[0]
+    find_attention(gm, FxditConfig())
+    find_blocks(gm, FxditConfig())
+    return gm, inputs
+
+
+@pytest.mark.parametrize("order, image_start, spans", [
+    (("reg", "text", "image"), 8, ((0, 8),)),
+    (("text", "image", "reg"), 5, ((0, 5), (69, 72))),
+    (("image", "reg", "text"), 0, ((64, 72),)),
+])
+def test_register_tokens_beside_the_caption(order, image_start, spans):
+    torch.manual_seed(0)
+    model = JointWithRegisters(order).eval()
+    x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 16)
+    gm, inputs = _capture(model, x, text)
+    (site,) = fxdit_meta(gm)["attention_sites"]
+    assert site.span_source == "cat" and site.image_span == (image_start, image_start + 64)
+    assert site.global_spans == spans
+    assert fxdit_meta(gm)["token_grid"].shape == (1, 8, 8)
+
+    cfg = FxditConfig.from_options({"attention": {"mode": "grat-b", "group": (2, 2), "radius": 1, "min_tokens": 0},
+                                    "on_pass_error": "raise"})
+    work = fresh_copy(gm)
+    report = rewrite_grouped_attention(work, cfg)
+    assert report.rewritten == 1 and sum(n.target is OP for n in work.graph.nodes) == 1
+    with torch.no_grad():
+        out = work(*inputs, *lifted_constants(work))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        dense = model(x, text)
+        model.mask = grat_mask((8, 8), (2, 2), 1, 72, image_start)
+        ref = model(x, text)
+        model.mask = None
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert (out - dense).abs().max() > 1e-3  # the grouped mask drops attention here
