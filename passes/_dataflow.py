@@ -91,7 +91,8 @@ FUNCTION_KINDS: dict[Any, str] = {
     torch.stack: "stack",
     F.layer_norm: "norm",
     torch.layer_norm: "norm",
-    F.group_norm: "other",
+    F.group_norm: "group_norm",
+    torch.group_norm: "group_norm",
     F.dropout: "dropout",
     torch.dropout: "dropout",
     F.gelu: "activation",
@@ -655,6 +656,54 @@ def _is_float_input(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.is_floating_point() and not is_param(node)
 
 
+_CHANNELS_LAST = -1  # _forward_to_tokens: the conv output permuted to (B, *grid, C), grid not yet merged
+
+
+def _permute_dims(node: fx.Node) -> tuple[int, ...] | None:
+    """The normalized dims of a ``permute`` node (method or function form)."""
+    nd = _ndim(node.args[0]) if node.args else None
+    if nd is None:
+        return None
+    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    if "dims" in node.kwargs:
+        dims = tuple(node.kwargs["dims"])
+    norm = [_norm_dim(d, nd) for d in dims]
+    return None if None in norm or len(norm) != nd else tuple(norm)  # type: ignore[arg-type]
+
+
+#: Ops between a latent input and its patch-embedding conv that keep the latent's spatial layout (a norm over
+#: channel groups, a scale, a cast): the conv still shows the token grid.
+_LATENT_THROUGH = frozenset({"view", "transpose", "permute", "cast", "mT", "norm", "group_norm", "elementwise",
+                             "activation"})
+
+
+def _latent_source(node: Any, limit: int = 16) -> fx.Node | None:
+    """The float graph input a conv's input is computed from through :data:`_LATENT_THROUGH` ops (parameters
+    aside), or ``None`` when it mixes in other inputs or other ops."""
+    found: fx.Node | None = None
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return None
+        if is_param(n):
+            continue
+        if n.op == "placeholder":
+            if not _is_float_input(n) or (found is not None and found is not n):
+                return None
+            found = n
+            continue
+        if kind(n) not in _LATENT_THROUGH:
+            return None
+        stack.extend(a for a in tensor_args(n) if isinstance(fake_value(a), torch.Tensor))
+    return found
+
+
 def _forward_to_tokens(conv: fx.Node, limit: int = 12) -> fx.Node | None:
     """The first node after a patch-embedding conv whose layout is ``(B, N, C)`` with the tokens on dim 1.
 
@@ -677,8 +726,21 @@ def _forward_to_tokens(conv: fx.Node, limit: int = 12) -> fx.Node | None:
                 if k not in _CHAIN_KINDS or us is None or in_shape is None:
                     continue
                 d: int | None = None
-                if dim is None:
-                    if k == "view":
+                if dim == _CHANNELS_LAST:
+                    # (B, *grid, C) from a channels-last permute: the view that merges the grid into one dim
+                    if k == "view" and len(us) == 3 and us[1] == n_tok:
+                        return u
+                    if k != "cast":
+                        continue
+                    d = _CHANNELS_LAST
+                elif dim is None:
+                    if k == "permute":
+                        dims = _permute_dims(u)
+                        nd = len(out)
+                        if dims is None or list(dims) != [0, *range(2, nd), 1]:
+                            continue
+                        d = _CHANNELS_LAST
+                    elif k == "view":
                         acc = 1
                         for i, size in enumerate(us):
                             if acc == prefix and size == n_tok:
@@ -707,8 +769,8 @@ def _conv_grid(gm: fx.GraphModule) -> tuple[TokenGrid, fx.Node] | None:
     for node in gm.graph.nodes:
         if kind(node) != "conv":
             continue
-        src = _through_chain_back(node.args[0] if node.args else node.kwargs.get("input"))
-        if not (isinstance(src, fx.Node) and src.op == "placeholder" and _is_float_input(src)):
+        src = _latent_source(node.args[0] if node.args else node.kwargs.get("input"))
+        if src is None:
             continue
         out = shape_of(node)
         if out is None or len(out) not in (4, 5):

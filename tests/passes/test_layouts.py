@@ -7,6 +7,8 @@ compares the rewritten graph with the eager model whose SDPA calls get that mask
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +108,74 @@ def test_register_tokens_beside_the_caption(order, image_start, spans):
         model.mask = None
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert (out - dense).abs().max() > 1e-3  # the grouped mask drops attention here
+
+
+@contextlib.contextmanager
+def masked_sdpa(mask: torch.Tensor):
+    """Eager SDPA calls over ``mask.shape[0]`` query and key tokens get the boolean ``mask`` (the oracle)."""
+    orig = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, *args, **kwargs):
+        if q.shape[-2] == k.shape[-2] == mask.shape[0]:
+            assert attn_mask is None
+            attn_mask = mask
+        return orig(q, k, v, attn_mask, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = orig
+
+
+def _rewrite_and_compare(model, args, kwargs, grid, image_start, seq, group=(2, 2), radius=1):
+    gm, inputs = _capture_kw(model, args, kwargs)
+    cfg = FxditConfig.from_options({"attention": {"mode": "grat-b", "group": group, "radius": radius,
+                                                  "min_tokens": 0}, "on_pass_error": "raise"})
+    work = fresh_copy(gm)
+    report = rewrite_grouped_attention(work, cfg)
+    with torch.no_grad():
+        out = work(*inputs, *lifted_constants(work))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        dense = _first(model(*args, **kwargs))
+        with masked_sdpa(grat_mask(grid, group, radius, seq, image_start)):
+            ref = _first(model(*args, **kwargs))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert (out - dense).abs().max() > 1e-3
+    return gm, report
+
+
+def _first(out):
+    while isinstance(out, (tuple, list)) or hasattr(out, "sample"):
+        out = out[0] if isinstance(out, (tuple, list)) else out.sample
+    return out
+
+
+def _capture_kw(model, args, kwargs):
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=record, fullgraph=True)(*args, **kwargs)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    gm, inputs = graphs[0]
+    find_attention(gm, FxditConfig())
+    find_blocks(gm, FxditConfig())
+    return gm, inputs
+
+
+def test_continuous_latent_with_norm_before_a_pointwise_conv():
+    """diffusers' continuous-input ``Transformer2DModel``: group norm, 1×1 conv, channels-last permute, reshape."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=1,
+                                         norm_num_groups=8).eval()
+    x = torch.randn(2, 32, 8, 8)
+    gm, report = _rewrite_and_compare(model, (x,), {"return_dict": False}, (8, 8), 0, 64)
+    assert fxdit_meta(gm)["token_grid"].shape == (1, 8, 8)
+    assert report.rewritten == 1
