@@ -330,6 +330,17 @@ def _map_view_dim(in_shape: Sequence[int], out_shape: Sequence[int], dim: int) -
     return None
 
 
+def _merge_frames(lay: Layout, in_shape: Sequence[int], out_shape: Sequence[int], frames: int) -> Layout | None:
+    """``(.., F, N, ..) -> (.., F·N, ..)``: per-frame image tokens merged with the frame dim before them."""
+    d = lay.dim
+    if d == 0 or in_shape[d - 1] != frames or lay.streams != {"image"}:
+        return None
+    merged = (*in_shape[:d - 1], frames * in_shape[d], *in_shape[d + 1:])
+    if tuple(out_shape) != merged:
+        return None
+    return Layout(d - 1, (("image", frames * lay.length),))
+
+
 def _getitem_layout(lay: Layout, index: Any, in_nd: int, out_shape: Sequence[int] | None) -> Layout | None:
     idx = index if isinstance(index, tuple) else (index,)
     n_consuming = sum(1 for i in idx if i is not None and i is not Ellipsis)
@@ -414,9 +425,12 @@ def _piece_stream(piece: Any, limit: int = 32) -> str:
 class _Propagator:
     """Forward propagation of :class:`Layout` over a graph, from seed nodes."""
 
-    def __init__(self, gm: fx.GraphModule, seeds: dict[fx.Node, Layout]) -> None:
+    def __init__(self, gm: fx.GraphModule, seeds: dict[fx.Node, Layout], frames: int | None = None) -> None:
         self.gm = gm
         self.seeds = seeds
+        # frames folded into the batch before a per-frame patch embedding: a view merging a dim of this size
+        # with an image-token dim right after it gives the video's (t, h, w) raster order
+        self.frames = frames
         self.layouts: dict[fx.Node, Layout] = {}
         # split nodes: list of per-piece layouts (or None)
         self.pieces: dict[fx.Node, list[Layout | None]] = {}
@@ -522,6 +536,8 @@ class _Propagator:
             if lay is None or in_shape is None:
                 return None
             d = _map_view_dim(in_shape, out_shape, lay.dim)
+            if d is None and self.frames:
+                return _merge_frames(lay, in_shape, out_shape, self.frames)
             return lay.moved(d) if d is not None else None
         if k == "cat":
             return self._visit_cat(node, out_nd)
@@ -776,16 +792,28 @@ def _conv_grid(gm: fx.GraphModule) -> tuple[TokenGrid, fx.Node] | None:
         if out is None or len(out) not in (4, 5):
             continue
         spatial = tuple(out[2:])
-        shape = (1, *spatial) if len(spatial) == 2 else spatial
+        frames = _frames_in_batch(src, out)
+        shape = (frames or 1, *spatial) if len(spatial) == 2 else spatial
         stride = _arg(node, 3, "stride", 1)
         if isinstance(stride, int):
             stride = (stride,) * len(spatial)
         patch_node = _forward_to_tokens(node)
         grid = TokenGrid(shape=tuple(int(s) for s in shape), source=f"conv{len(spatial)}d",
                          patch_node=patch_node.name if patch_node is not None else None,
-                         patch=tuple(int(s) for s in stride) if isinstance(stride, (list, tuple)) else None)
+                         patch=tuple(int(s) for s in stride) if isinstance(stride, (list, tuple)) else None,
+                         frames_in_batch=frames)
         return grid, src
     return None
+
+
+def _frames_in_batch(latent: fx.Node, conv_out: Sequence[int]) -> int | None:
+    """``F`` when a 2-D patch conv runs on the frames of a 5-D video latent folded into its batch
+    (``(B, C, F, H, W) -> (B·F, C, H, W)``), else ``None``."""
+    s = shape_of(latent)
+    if s is None or len(s) != 5 or len(conv_out) != 4 or conv_out[0] == s[0] or conv_out[0] % s[0]:
+        return None
+    frames = conv_out[0] // s[0]
+    return frames if frames in (s[1], s[2]) and frames > 1 else None
 
 
 def _unfold_grid(gm: fx.GraphModule) -> tuple[TokenGrid, fx.Node] | None:
@@ -941,7 +969,8 @@ def token_streams(gm: fx.GraphModule, cfg: Any = None) -> Streams:
         grid, image_input = found
         if grid.patch_node is not None:
             patch = next(n for n in gm.graph.nodes if n.name == grid.patch_node)
-            seeds[patch] = Layout(1, (("image", grid.tokens),))
+            per_frame = grid.tokens // (grid.frames_in_batch or 1)
+            seeds[patch] = Layout(1, (("image", per_frame),))
         else:
             reason = "patch embedding found but no (B, N, C) token node after it"
     else:
@@ -968,7 +997,8 @@ def token_streams(gm: fx.GraphModule, cfg: Any = None) -> Streams:
         seeds[n] = Layout(1, (("text", s[1]),))  # type: ignore[index]
         text_inputs.append(n.name)
 
-    layouts = _Propagator(gm, seeds).run()
+    frames = grid.frames_in_batch if grid is not None else None
+    layouts = _Propagator(gm, seeds, frames).run()
 
     n_img = grid.tokens if grid is not None else None
     un = _unpatchify(gm, layouts, n_img)
@@ -980,6 +1010,10 @@ def token_streams(gm: fx.GraphModule, cfg: Any = None) -> Streams:
             reason = ""
         else:
             grid = TokenGrid(grid.shape, grid.source, grid.patch_node, node.name, grid.patch)
+
+    if frames:
+        # the patch node holds one frame's tokens per batch row: GRAT permutes per site, not at the patch node
+        grid = TokenGrid(grid.shape, grid.source, None, None, grid.patch, frames)  # type: ignore[union-attr]
 
     override = getattr(getattr(cfg, "attention", None), "grid", None)
     if override is not None:

@@ -145,6 +145,8 @@ class TokenGrid:
             embedding (before positional embeddings are added), when found.
         unpatch_node: name of the node that starts the unpatchify reshape, when found.
         patch: patch size in pixels/latents per axis, when known.
+        frames_in_batch: ``T`` when a per-frame (2-D) patch embedding runs on the frames folded into the batch
+            and the frames join the token sequence later (``(B·T, N, C) -> (B, T·N, C)``); ``None`` otherwise.
     """
 
     shape: tuple[int, int, int]
@@ -152,6 +154,7 @@ class TokenGrid:
     patch_node: str | None = None
     unpatch_node: str | None = None
     patch: tuple[int, ...] | None = None
+    frames_in_batch: int | None = None
 
     @property
     def tokens(self) -> int:

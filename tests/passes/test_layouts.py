@@ -22,12 +22,12 @@ from fxdit.config import FxditConfig
 OP = torch.ops.fxdit.grouped_attention.default
 
 
-def grat_mask(grid: tuple[int, int], group: tuple[int, int], radius: int, seq: int, image_start: int) -> torch.Tensor:
+def grat_mask(grid: tuple[int, ...], group: tuple[int, ...], radius: int, seq: int, image_start: int) -> torch.Tensor:
     """bool ``[S, S]``: GRAT-B over raster image tokens at ``image_start``; every other token is global."""
-    n = grid[0] * grid[1]
-    h = torch.arange(n) // grid[1] // group[0]
-    w = torch.arange(n) % grid[1] // group[1]
-    img = ((h[:, None] - h[None, :]).abs() <= radius) & ((w[:, None] - w[None, :]).abs() <= radius)
+    coords = torch.cartesian_prod(*(torch.arange(n) for n in grid)).reshape(-1, len(grid))
+    ids = coords // torch.tensor(group)
+    n = coords.shape[0]
+    img = ((ids[:, None, :] - ids[None, :, :]).abs() <= radius).all(-1)
     mask = torch.ones(seq, seq, dtype=torch.bool)
     mask[image_start:image_start + n, image_start:image_start + n] = img
     return mask
@@ -178,4 +178,34 @@ def test_continuous_latent_with_norm_before_a_pointwise_conv():
     x = torch.randn(2, 32, 8, 8)
     gm, report = _rewrite_and_compare(model, (x,), {"return_dict": False}, (8, 8), 0, 64)
     assert fxdit_meta(gm)["token_grid"].shape == (1, 8, 8)
+    assert report.rewritten == 1
+
+
+class FramesInBatch(nn.Module):
+    """Video tokens from a per-frame 2-D patch conv: frames folded into the batch, joined to the sequence later."""
+
+    def __init__(self, hidden: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Conv2d(4, hidden, 2, 2)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = x.shape
+        tok = self.patch(x.permute(0, 2, 1, 3, 4).flatten(0, 1)).flatten(2).transpose(1, 2)  # (B·F, N, C)
+        seq = tok.unflatten(0, (b, f)).flatten(1, 2)  # (B, F·N, C)
+        q, k, v = self.qkv(seq).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def test_video_frames_folded_into_the_batch():
+    torch.manual_seed(0)
+    model = FramesInBatch().eval()
+    x = torch.randn(2, 4, 3, 8, 12)
+    gm, report = _rewrite_and_compare(model, (x,), {}, (3, 4, 6), 0, 72, group=(1, 2, 2), radius=0)
+    grid = fxdit_meta(gm)["token_grid"]
+    assert grid.shape == (3, 4, 6) and grid.frames_in_batch == 3
     assert report.rewritten == 1
