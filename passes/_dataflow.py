@@ -896,6 +896,72 @@ def _ids_grid(gm: fx.GraphModule, n_tok: int) -> TokenGrid | None:
     return None
 
 
+def _table_grid(gm: fx.GraphModule, n_tok: int) -> TokenGrid | None:
+    """The grid a position table shows: a table built over the grid, ``(T, H, W, d)`` or ``(H, W, d)`` (e.g. RoPE
+    frequencies broadcast per axis and concatenated), flattened to ``(N, d)`` rows, one per packed image token.
+
+    Only tables computed from parameters, buffers and constants count (their values are positions, not
+    activations), built with at least one broadcast over the grid. Several tables must agree, else ``None``.
+    """
+    found: set[tuple[int, int, int]] = set()
+    for node in gm.graph.nodes:
+        if kind(node) != "view" or not node.args:
+            continue
+        src = node.args[0]
+        ins, outs = shape_of(src), shape_of(node)
+        if ins is None or outs is None or len(outs) != 2 or outs[0] != n_tok or len(ins) not in (3, 4):
+            continue
+        if ins[-1] != outs[1] or math.prod(ins[:-1]) != n_tok or min(ins[:-1]) < 1:
+            continue
+        if not _is_position_table(src):
+            continue
+        shape = tuple(int(x) for x in ins[:-1])
+        found.add((1, *shape) if len(shape) == 2 else shape)  # type: ignore[arg-type]
+    if len(found) != 1:
+        return None
+    return TokenGrid(shape=next(iter(found)), source="position table")
+
+
+#: Ops a position table is built with: slices of frequency tables, per-axis views, broadcasts, concatenation.
+_TABLE_THROUGH = frozenset({"view", "getitem", "split", "cat", "broadcast", "cast", "elementwise", "transpose",
+                            "permute", "stack"})
+
+
+def _is_position_table(node: fx.Node, limit: int = 64) -> bool:
+    """``node`` is computed from parameters/buffers/constants only, through table ops, with at least one
+    broadcast (each axis' table expanded over the grid)."""
+    seen: set[fx.Node] = set()
+    stack, broadcast = [node], False
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return False
+        if is_param(n) or n.op == "get_attr":
+            continue
+        k = kind(n)
+        if n.op == "placeholder" or k not in _TABLE_THROUGH:
+            if n.op == "call_function" and k is None and not any(
+                    isinstance(fake_value(a), torch.Tensor) for a in tensor_args(n)):
+                continue  # a factory (arange, ones): positions, not activations
+            return False
+        broadcast = broadcast or k == "broadcast"
+        stack.extend(a for a in tensor_args(n) if isinstance(fake_value(a), torch.Tensor))
+    return broadcast
+
+
+def _agreed_grid(grids: Sequence[TokenGrid | None]) -> tuple[TokenGrid | None, str]:
+    """The grid every source that shows one agrees on, or ``None`` with the disagreement as the reason."""
+    shown = [g for g in grids if g is not None]
+    shapes = {tuple(g.shape) for g in shown}
+    if len(shapes) > 1:
+        listed = ", ".join(f"{g.source} {tuple(g.shape)}" for g in shown)
+        return None, f"token grid sources disagree ({listed}); set attention.grid"
+    return (shown[0] if shown else None), ""
+
+
 def _graph_output_tokens(gm: fx.GraphModule) -> tuple[int, ...] | None:
     out = next((n for n in gm.graph.nodes if n.op == "output"), None)
     if out is None:
@@ -981,11 +1047,12 @@ def token_streams(gm: fx.GraphModule, cfg: Any = None) -> Streams:
             n_tok = shape_of(image_input)[1]  # type: ignore[index]
             seeds[image_input] = Layout(1, (("image", n_tok),))
             first_linear = next((u for u in image_input.users if kind(u) == "linear"), None)
-            grid = _ids_grid(gm, n_tok)
+            grid, reason = _agreed_grid([_ids_grid(gm, n_tok), _table_grid(gm, n_tok)])
             if grid is not None and first_linear is not None:
                 grid = TokenGrid(grid.shape, grid.source, patch_node=first_linear.name)
-            elif grid is None:
-                reason = "packed token input without position ids or unpatchify; set attention.grid"
+            elif grid is None and not reason:
+                reason = ("packed token input without position ids, position tables or unpatchify; "
+                          "set attention.grid")
         else:
             reason = "no patch embedding (conv/patchify) and no packed token input found"
 
@@ -1008,8 +1075,12 @@ def token_streams(gm: fx.GraphModule, cfg: Any = None) -> Streams:
             grid = TokenGrid(shape=shape, source="unpatchify", unpatch_node=node.name,
                              patch_node=next(iter(seeds)).name if image_input is not None and seeds else None)
             reason = ""
+        elif shape != grid.shape:
+            reason = (f"token grid sources disagree: {grid.source} {tuple(grid.shape)} vs unpatchify "
+                      f"{tuple(shape)}; set attention.grid")
+            grid = None
         else:
-            grid = TokenGrid(grid.shape, grid.source, grid.patch_node, node.name, grid.patch)
+            grid = TokenGrid(grid.shape, grid.source, grid.patch_node, node.name, grid.patch, grid.frames_in_batch)
 
     if frames:
         # the patch node holds one frame's tokens per batch row: GRAT permutes per site, not at the patch node

@@ -6,7 +6,8 @@ copies a graph (for ``on_pass_error="fallback"`` and for ICC's two graph variant
 
 Where they live: ``gm.meta["fxdit"]`` (see :func:`fxdit.passes._fx_utils.fxdit_meta`) holds
 ``"attention_sites"`` (list of :class:`AttentionSite`), ``"blocks"`` (list of :class:`BlockInfo`) and
-``"token_grid"`` (:class:`TokenGrid` or ``None``); each attention node also carries its site in
+``"token_grid"`` (:class:`TokenGrid` or ``None``, with ``"token_grid_reason"`` saying why when ``None``); each
+attention node also carries its site in
 ``node.meta["fxdit"]["attention"]`` and each linear its :class:`LinearInfo` in ``node.meta["fxdit"]["linear"]``.
 """
 

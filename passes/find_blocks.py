@@ -436,6 +436,7 @@ def find_blocks(gm: fx.GraphModule, cfg: Any = None) -> PassReport:
     state = fxdit_meta(gm)
     state["blocks"] = blocks
     state["token_grid"] = grid
+    state["token_grid_reason"] = rb.details.get("grid_reason", "") if grid is None else ""
     rb.matched = len(blocks)
     roles: dict[str, int] = {}
     for b in blocks:

@@ -805,6 +805,8 @@ def rewrite_grouped_attention(gm: fx.GraphModule, cfg: FxditConfig) -> PassRepor
     plans: list[_Plan] = []
     for site, node in live:
         reason = _why_not(site, grid, cfg, nodes)
+        if reason == R_NO_GRID and state.get("token_grid_reason"):
+            reason = f"{R_NO_GRID}: {state['token_grid_reason']}"
         if reason is not None:
             rb.skip(reason, site.node)
             continue

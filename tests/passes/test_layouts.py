@@ -209,3 +209,66 @@ def test_video_frames_folded_into_the_batch():
     grid = fxdit_meta(gm)["token_grid"]
     assert grid.shape == (3, 4, 6) and grid.frames_in_batch == 3
     assert report.rewritten == 1
+
+
+class PackedWithPositionTable(nn.Module):
+    """Packed ``(B, N, C)`` tokens (no patchify in the graph); the grid shows only in a rotary table built per axis
+    and broadcast over ``(H, W)`` before being flattened to one row per token."""
+
+    def __init__(self, grid: tuple[int, int], hidden: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.grid, self.heads = grid, heads
+        self.proj = nn.Linear(12, hidden)
+        self.register_buffer("freqs", torch.randn(32, hidden // heads // 2))
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid
+        d = self.freqs.shape[1]
+        rows = self.freqs[:h].view(h, 1, d).expand(h, w, d)
+        cols = self.freqs[h:h + w].view(1, w, d).expand(h, w, d)
+        table = torch.cat([rows, cols], dim=-1).reshape(h * w, 2 * d)
+        q, k, v = self.qkv(self.proj(x)).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        q, k = q * table.cos() + q.roll(1, -1) * table.sin(), k * table.cos() + k.roll(1, -1) * table.sin()
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def test_packed_tokens_grid_from_a_position_table():
+    torch.manual_seed(0)
+    model = PackedWithPositionTable((4, 6)).eval()
+    x = torch.randn(2, 24, 12)
+    gm, report = _rewrite_and_compare(model, (x,), {}, (4, 6), 0, 24, group=(2, 2), radius=0)
+    grid = fxdit_meta(gm)["token_grid"]
+    assert grid.shape == (1, 4, 6) and grid.source == "position table"
+    assert report.rewritten == 1
+
+
+class DisagreeingUnpatchify(PackedWithPositionTable):
+    """The position table says 4×6; the output reshape says 6×4: two sources, two grids."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid
+        return super().forward(x).reshape(x.shape[0], w, h, 3, 2, 2)  # unpack 2×2 patches
+
+
+def test_grid_sources_that_disagree_leave_the_site_dense_with_the_reason():
+    torch.manual_seed(0)
+    model = DisagreeingUnpatchify((4, 6)).eval()
+    gm, _ = _capture_kw(model, (torch.randn(2, 24, 12),), {})
+    assert fxdit_meta(gm).get("token_grid") is None
+    cfg = FxditConfig.from_options({"attention": {"mode": "grat-b", "group": (2, 2), "min_tokens": 0},
+                                    "on_pass_error": "raise"})
+    work = fresh_copy(gm)
+    report = rewrite_grouped_attention(work, cfg)
+    assert report.rewritten == 0 and sum(report.skipped.values()) == 1
+    (reason,) = report.skipped
+    assert "disagree" in reason and "position table (1, 4, 6)" in reason and "unpatchify (1, 6, 4)" in reason
+    # given the grid, the site is rewritten
+    cfg = FxditConfig.from_options({"attention": {"mode": "grat-b", "group": (2, 2), "min_tokens": 0,
+                                                  "grid": (4, 6)}, "on_pass_error": "raise"})
+    gm2, _ = _capture_kw(model, (torch.randn(2, 24, 12),), {})
+    work = fresh_copy(gm2)
+    assert rewrite_grouped_attention(work, cfg).rewritten == 1
