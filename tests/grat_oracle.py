@@ -42,10 +42,14 @@ class ModelLayout:
     Args:
         grid: token grid ``(H, W)`` or ``(T, H, W)`` (a single-frame video grid is given as ``(H, W)``).
         text_first: joint text+image sequences hold the text tokens *before* the image tokens.
+        image_start: index of the first image token in every attention sequence, for models that put other
+            tokens (history latents, registers) before the image tokens as well as text after them; ``None``:
+            the image tokens start the sequence, or end it when ``text_first``.
     """
 
     grid: tuple[int, ...]
     text_first: bool = False
+    image_start: int | None = None
 
     @property
     def num_image_tokens(self) -> int:
@@ -116,7 +120,7 @@ def sequence_mask(layout: ModelLayout, grid: Sequence[int], group: Sequence[int]
                   seq_len: int) -> torch.Tensor:
     """bool ``[S, S]``: the grouped pattern over a joint sequence of ``S`` tokens (text where ``layout`` says)."""
     n = math.prod(grid)
-    start = seq_len - n if layout.text_first else 0
+    start = layout.image_start if layout.image_start is not None else (seq_len - n if layout.text_first else 0)
     mask = torch.ones(seq_len, seq_len, dtype=torch.bool)  # text rows and text columns: everything
     mask[start:start + n, start:start + n] = image_mask(grid, group, mode, radius)
     return mask
@@ -173,7 +177,7 @@ def why_dense(call: Call, layout: ModelLayout, cfg: Any) -> str | None:
         return "layer not selected"
     if call.cross or call.q_len != call.kv_len:
         return "cross-attention"
-    if call.q_len < n:
+    if call.q_len < n + (layout.image_start or 0):
         return "no image tokens"
     if n < att.min_tokens:
         return "below min_tokens"

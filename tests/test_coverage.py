@@ -24,7 +24,7 @@ sys.modules[_spec.name] = coverage
 _spec.loader.exec_module(coverage)
 
 #: Classes of the default run: the classic DiT (image self-attention), Flux (packed latents, text-first joint
-#: attention, single-stream blocks), and AuraFlow (not among fxdit's named models; GRAT leaves its joint sites alone).
+#: attention, single-stream blocks), and AuraFlow (not among fxdit's named models: register tokens before the text).
 SUBSET = ("DiTTransformer2DModel", "FluxTransformer2DModel", "AuraFlowTransformer2DModel")
 
 
@@ -110,6 +110,12 @@ def _check_row(row):
         # each attention site is either rewritten or left alone with a reason
         assert lo["grat_rewritten"] + sum(lo["grat_skipped"].values()) == row.sites, row.cls
         assert all(isinstance(k, str) and k for k in lo["grat_skipped"])
+    if lo.get("grat_rewritten"):
+        # every GRAT rewrite is checked against the oracle: same calls masked, same result
+        o = row.oracle
+        assert o and not o.get("error"), f"{row.cls}: {o}"
+        assert o["ok"] and o["masked"] == o["rewritten"] == lo["grat_rewritten"], f"{row.cls}: {o}"
+        assert o["sparse"] == o["masked"]  # the grouped mask drops something at every masked call
 
 
 @pytest.mark.parametrize("name", SUBSET)
@@ -118,9 +124,7 @@ def test_subset_compiles_lossless_and_reports(name, no_inductor):
     _check_row(row)
     assert row.status == "ok" and row.graphs >= 1 and row.sites >= 1 and row.blocks >= 1
     assert row.lossy["cached_linears"] > 0 and row.lossy["cached_blocks"] == row.blocks
-    if name == "AuraFlowTransformer2DModel":
-        assert row.lossy["grat_rewritten"] == 0 and row.lossy["grat_skipped"]
-    else:
+    if name != "AuraFlowTransformer2DModel":
         assert row.lossy["grat_rewritten"] == row.sites
     table = coverage.format_table([row], "header")
     assert f"| {name} | ok |" in table and "1 compiled OK" in table
@@ -134,6 +138,62 @@ def test_a_class_that_cannot_be_built_is_a_row_with_its_reason(monkeypatch):
     row = coverage.check_class("AnyTransformer2DModel", inductor=False)
     assert row.status == "not built" and "vocabulary" in row.reason
     assert "| AnyTransformer2DModel | not built |" in coverage.format_table([row], "h")
+
+
+def test_case_table_names_configs_and_layouts():
+    """Every case names an exported class, its config keys are ``__init__`` arguments of that class, and its token
+    layout is a (T, H, W) grid with the text on a stated side."""
+    import diffusers
+
+    names = set(coverage.transformer_classes())
+    cases = coverage.cases.CASES
+    assert set(cases) <= names
+    assert len(cases) >= 55
+    for name, case in cases.items():
+        assert case.text in coverage.cases.TEXT_SIDES, name
+        assert case.grid is None or (len(case.grid) == 3 and all(isinstance(x, int) and x > 0 for x in case.grid))
+        if case.init is not None:
+            params = inspect.signature(getattr(diffusers, name).__init__).parameters
+            assert set(case.init) <= set(params), (name, set(case.init) - set(params))
+    with pytest.raises(ValueError, match="text="):
+        coverage.cases.Case(text="middle")
+
+
+def test_oracle_layout_comes_from_the_case_table():
+    oracle = coverage.grat_oracle()
+    assert coverage.oracle_layout("FluxTransformer2DModel") == oracle.ModelLayout((8, 8), text_first=True)
+    assert coverage.oracle_layout("WanTransformer3DModel") == oracle.ModelLayout((2, 8, 8), text_first=False)
+    framepack = coverage.oracle_layout("HunyuanVideoFramepackTransformer3DModel")
+    assert framepack.image_start == 4 + 16 + 64 and not framepack.text_first
+    assert coverage.oracle_layout("AceStepTransformer1DModel") is None  # audio: no token grid
+    # the image span sits where the layout says: text rows and columns stay dense
+    mask = oracle.sequence_mask(framepack, (8, 8), (2, 2), "grat-b", 0, 84 + 64 + 5)
+    assert mask[:84].all() and mask[:, :84].all() and mask[148:].all() and not mask[84:148, 84:148].all()
+
+
+@pytest.mark.parametrize("name", ["CogVideoXTransformer3DModel", "ZImageTransformer2DModel"])
+def test_a_case_builds_its_model_and_inputs(name):
+    """Classes the generic derivation cannot build: the case's config and inputs (CogVideoX: (B, F, C, H, W)
+    latents and text before the image; Z-Image: lists of latents and captions)."""
+    model, cfg = coverage.build_model(name)
+    case = coverage.cases.CASES[name]
+    assert cfg == case.init
+    layout, grid, args, kwargs, eager = coverage.find_inputs(model)
+    assert layout == "case" and grid == case.grid and torch.isfinite(eager).all()
+    _, kwargs2, _ = coverage._next_step(model, args, kwargs)  # the moved latent of the cached ICC step
+    assert type(kwargs2[case.latent]) is type(kwargs[case.latent])
+
+
+def test_an_oracle_mismatch_is_a_defect_in_the_table():
+    row = coverage.Row("AnyTransformer2DModel", status="oracle mismatch", reason="GRAT differs from the oracle",
+                       graphs=1, sites=2, err=0.0, scale=1.0,
+                       lossy={"grat_rewritten": 2, "grat_skipped": {}, "cached_linears": 0, "cached_blocks": 0},
+                       oracle={"masked": 2, "sparse": 2, "rewritten": 2, "err": 0.5, "tolerance": 1e-4,
+                               "ok": False, "error": ""})
+    s = coverage.summary([row])
+    assert s["fxdit_defects"] == 1 and s["oracle_checked"] == 1 and s["oracle_passed"] == 0
+    table = coverage.format_table([row], "h")
+    assert "5.0e-01 FAIL (2 sites" in table and "| oracle mismatch |" in table
 
 
 @pytest.mark.slow

@@ -50,6 +50,30 @@ import torch
 
 log = logging.getLogger("tools.coverage")
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name: str, path: str) -> Any:
+    """Import the file ``path`` as module ``name`` (``tools/`` and ``tests/`` are folders, not packages)."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+#: The per-class cases (``tools/coverage_cases.py``): configs, inputs and token layouts from diffusers' tests.
+cases = _load("fxdit_tools_coverage_cases", os.path.join(_ROOT, "tools", "coverage_cases.py"))
+
+
+def grat_oracle() -> Any:
+    """``tests/grat_oracle.py``: the eager model with the dense grouped mask (no fxdit GRAT code)."""
+    return _load("grat_oracle", os.path.join(_ROOT, "tests", "grat_oracle.py"))
+
 #: Sizes of the tiny models and their inputs.
 HEADS = 2
 HEAD_DIM = 32
@@ -197,7 +221,8 @@ def _redraw(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The tiny model of the diffusers class ``name`` (eval, float32, seeded) and the config it was built with.
+    """The tiny model of the diffusers class ``name`` (eval, float32, seeded) and the config it was built with:
+    the config of its case in ``tools/coverage_cases.py`` when it has one, else :func:`tiny_config`.
 
     Raises:
         Unbuildable: with the reason.
@@ -205,7 +230,8 @@ def build_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, An
     import diffusers
 
     cls = getattr(diffusers, name)
-    cfg = tiny_config(cls)
+    case = cases.CASES.get(name)
+    cfg = dict(case.init) if case is not None and case.init is not None else tiny_config(cls)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -406,11 +432,26 @@ def output_tensor(out: Any) -> torch.Tensor:
 
 
 def find_inputs(model: torch.nn.Module) -> tuple[str, tuple[int, int, int], tuple, dict[str, Any], torch.Tensor]:
-    """The first latent layout the eager model runs on: ``(layout, grid, args, kwargs, eager output)``.
+    """The inputs of the model's case (layout ``"case"``, its token grid), else the first latent layout the eager
+    model runs on: ``(layout, grid, args, kwargs, eager output)``.
 
     Raises:
         Unbuildable: no layout ran (the reason of each attempt).
     """
+    case = cases.CASES.get(type(model).__name__)
+    if case is not None and case.inputs is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            kwargs = case.inputs(model)
+        try:
+            with torch.no_grad():
+                out = output_tensor(model(**kwargs))
+        except Exception as exc:  # noqa: BLE001 - the model's own forward
+            raise Unbuildable(f"eager forward failed on the case inputs: {type(exc).__name__}: {_short(exc)}") \
+                from exc
+        if not torch.isfinite(out).all():
+            raise Unbuildable("non-finite eager output on the case inputs")
+        return "case", case.grid, (), kwargs, out
     reasons = []
     for layout, grid in LATENT_LAYOUTS:
         args, kwargs = make_inputs(model, layout, grid)
@@ -444,8 +485,9 @@ class Row:
     Attributes:
         cls: the diffusers class name.
         status: ``"ok"``; ``"not built"`` (cannot be built tinily, or its eager forward fails on our inputs);
-            ``"torch.compile fails"`` (the same compile fails without fxdit: not fxdit's doing); ``"fxdit error"``
-            or ``"wrong result"`` (defects of fxdit).
+            ``"torch.compile fails"`` (the same compile fails without fxdit: not fxdit's doing); ``"fxdit error"``,
+            ``"wrong result"`` or ``"oracle mismatch"`` (defects of fxdit: GRAT rewrote sites whose result is not
+            the oracle's).
         reason: why it is not ``"ok"``.
         layout, grid: the latent layout that ran and its latent grid ``(T, H, W)``.
         graphs: graphs Dynamo handed to fxdit (1 + graph breaks).
@@ -455,6 +497,7 @@ class Row:
         err, scale: max ``|compiled − eager|`` with lossy options off, and max ``|eager|``.
         lossy: the GRAT-B + ICC run (``grat_rewritten``, ``grat_skipped``, ``cached_linears``,
             ``cached_blocks``, ``plan_skipped``, ``err_full``, ``err_cached``, ``error``).
+        oracle: GRAT alone against the oracle, when GRAT rewrote sites (see :func:`_oracle_run`).
         seconds: wall time for the class.
     """
 
@@ -473,6 +516,7 @@ class Row:
     err: float | None = None
     scale: float | None = None
     lossy: dict[str, Any] = field(default_factory=dict)
+    oracle: dict[str, Any] = field(default_factory=dict)
     inductor: bool = True
     seconds: float = 0.0
 
@@ -612,37 +656,103 @@ def check_class(name: str, *, inductor: bool = True, lossy: bool = True, lossy_i
         if lossy:
             with contextlib.nullcontext() if (lossy_inductor or not inductor) else without_inductor():
                 row.lossy = _lossy_run(model, args, kwargs, eager, row.token_grid, fxdit)
+                if row.lossy.get("grat_rewritten", 0) > 0:
+                    layout = oracle_layout(name)
+                    if layout is None:
+                        row.oracle = {"error": "no token grid in the case table"}
+                    else:
+                        tol = wrong_tolerance(row.scale, lossy_inductor and inductor)
+                        row.oracle = _oracle_run(model, args, kwargs, layout, tol, fxdit)
             if row.lossy.get("fxdit_error") and row.status == "ok":
                 row.status, row.reason = "fxdit error", f"GRAT+ICC: {row.lossy['error']}"
+            if row.oracle and not row.oracle.get("ok") and row.status == "ok":
+                row.status = "oracle mismatch"
+                row.reason = f"GRAT differs from the oracle: {_oracle_cell(row.oracle)}"
         _fresh()
     row.seconds = time.perf_counter() - start
     return row
 
 
+def oracle_layout(name: str) -> Any:
+    """The GRAT oracle's :class:`ModelLayout` of class ``name`` from its case (token grid, where the non-image
+    tokens sit), or ``None`` when the case table gives no token grid for it."""
+    case = cases.CASES.get(name)
+    if case is None or case.grid is None:
+        return None
+    t, h, w = case.grid
+    return grat_oracle().ModelLayout((h, w) if t == 1 else (t, h, w), text_first=case.text == "before",
+                                     image_start=case.image_start)
+
+
+def _oracle_run(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], layout: Any, tolerance: float,
+                fxdit: Any) -> dict[str, Any]:
+    """fxdit with GRAT alone (:data:`GRAT_OPTIONS`) against the oracle: the eager model whose attention calls the
+    oracle's rule selects use dense SDPA with the grouped mask of ``layout`` (``tests/grat_oracle.py``).
+
+    Returns ``masked`` (calls the oracle masked), ``sparse`` (of them, calls whose mask drops something),
+    ``rewritten`` (sites fxdit rewrote), ``err`` (max |fxdit − oracle|), ``tolerance`` and ``ok`` (same number of
+    sites and ``err <= tolerance``), or ``error`` when a run raised.
+    """
+    oracle = grat_oracle()
+    options = {"on_pass_error": "raise", "attention": dict(GRAT_OPTIONS)}
+    info: dict[str, Any] = {"masked": 0, "sparse": 0, "rewritten": 0, "err": None, "tolerance": tolerance,
+                            "ok": False, "error": ""}
+    try:
+        with torch.no_grad(), oracle.grouped_sdpa(model, options, layout=layout) as counts:
+            expected = output_tensor(model(*args, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - recorded
+        info["error"] = f"oracle: {type(exc).__name__}: {_short(exc)}"
+        return info
+    info["masked"], info["sparse"] = counts["masked"], counts["sparse"]
+    _fresh()
+    try:
+        compiled = torch.compile(model, backend="fxdit", options=options)
+        with torch.no_grad():
+            out = output_tensor(compiled(*args, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - recorded
+        info["error"] = f"fxdit: {_fxdit_error(exc)}"
+        _fresh()
+        return info
+    for rec in _records(compiled):
+        g = _report(rec, "rewrite_grouped_attention")
+        info["rewritten"] += g.rewritten if g is not None else 0
+    info["err"] = float((out - expected).abs().max()) if out.shape == expected.shape else math.inf
+    info["ok"] = info["masked"] == info["rewritten"] and info["err"] <= tolerance
+    _fresh()
+    return info
+
+
 def _next_step(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any], Any]:
     """The inputs with the latent moved by 5 % noise (the next step of a sampler), and the eager output on them."""
     g = torch.Generator().manual_seed(7)
-    latent = next(k for k in kwargs if INPUTS.get(k, (None,))[0] is _latent)
+    case = cases.CASES.get(type(model).__name__)
+    if case is not None and case.inputs is not None:
+        latent = case.latent
+    else:
+        latent = next(k for k in kwargs if INPUTS.get(k, (None,))[0] is _latent)
+
+    def move(x: torch.Tensor) -> torch.Tensor:
+        return x + 0.05 * x.std() * torch.randn(x.shape, generator=g)
+
     x = kwargs[latent]
-    kwargs2 = {**kwargs, latent: x + 0.05 * x.std() * torch.randn(x.shape, generator=g)}
+    kwargs2 = {**kwargs, latent: [move(t) for t in x] if isinstance(x, (list, tuple)) else move(x)}
     with torch.no_grad():
         eager2 = output_tensor(model(*args, **kwargs2))
     return args, kwargs2, eager2
 
 
+#: The GRAT options of the lossy and oracle runs: GRAT-B over 1×2×2 groups (2×2 on an image grid), every site.
+GRAT_OPTIONS = {"mode": "grat-b", "group": (1, 2, 2), "radius": 1, "min_tokens": 0}
+
+
 def _lossy_run(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], eager: torch.Tensor,
                grid: tuple[int, ...] | None, fxdit: Any) -> dict[str, Any]:
-    """GRAT-B (2×2 or 1×2×2 groups, every site) + ICC (rank-4 SVD factors, period 2): one full, one cached call."""
+    """GRAT-B (:data:`GRAT_OPTIONS`, always asked for, so a site left dense carries fxdit's reason) + ICC (rank-4
+    SVD factors, period 2): one full, one cached call."""
     info: dict[str, Any] = {"grat_rewritten": 0, "grat_skipped": {}, "cached_linears": 0, "cached_blocks": 0,
                             "plan_skipped": {}, "err_full": None, "err_cached": None, "error": "",
                             "fxdit_error": False, "factors": ""}
-    options: dict[str, Any] = {"on_pass_error": "raise"}
-    group = None
-    if grid is not None:
-        group = (2, 2) if grid[0] == 1 else (1, 2, 2)
-        options["attention"] = {"mode": "grat-b", "group": group, "min_tokens": 0}
-    else:
-        info["grat_note"] = "GRAT not tried: no token grid found"
+    options: dict[str, Any] = {"on_pass_error": "raise", "attention": dict(GRAT_OPTIONS)}
     try:
         factors = fxdit.calibrate(model, method="svd", rank=4, example=(args, kwargs), progress=False)
         options["cache"] = {"factors": factors, "schedule": {"period": 2}}
@@ -653,8 +763,6 @@ def _lossy_run(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], eage
         info["factors"] = f"calibration failed: {type(exc).__name__}: {_short(exc, 100)}"
         info["fxdit_error"] = True
         info["error"] = info["factors"]
-    if len(options) == 1:
-        return info
     # The cached call sees a slightly moved latent (as the next denoising step would), so the increment is not 0.
     args2, kwargs2, eager2 = _next_step(model, args, kwargs)
     _fresh()
@@ -703,6 +811,19 @@ def _fmt_err(v: float | None) -> str:
     return "" if v is None else ("inf" if math.isinf(v) else f"{v:.1e}")
 
 
+def _oracle_cell(o: dict[str, Any]) -> str:
+    """``err ok|FAIL (sites)``: max |fxdit GRAT − oracle| against the tolerance, and the sites each side masked."""
+    if not o:
+        return ""
+    if o.get("error"):
+        return f"not checked: {o['error']}"
+    verdict = "ok" if o.get("ok") else "FAIL"
+    sites = f"{o['rewritten']} sites" if o["masked"] == o["rewritten"] else \
+        f"oracle masked {o['masked']}, fxdit rewrote {o['rewritten']}"
+    vacuous = f"; the mask drops nothing at {o['masked'] - o['sparse']}" if o["sparse"] < o["masked"] else ""
+    return f"{_fmt_err(o.get('err'))} {verdict} ({sites}, tol {o['tolerance']:.0e}{vacuous})"
+
+
 def _fmt_counts(d: dict[str, int]) -> str:
     return "; ".join(f"{k} ×{v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -716,12 +837,16 @@ def summary(rows: list[Row]) -> dict[str, int]:
     return {
         "tried": len(rows),
         "built": len(built),
-        "compiled_ok": sum(r.status == "ok" for r in rows),
+        "compiled_ok": sum(r.status in ("ok", "oracle mismatch") for r in rows),
         "with_sites": sum(r.sites > 0 for r in built),
         "with_blocks": sum(r.blocks > 0 for r in built),
         "grat_rewritten": sum(r.lossy.get("grat_rewritten", 0) > 0 for r in built),
+        "grat_sites": sum(r.lossy.get("grat_rewritten", 0) for r in built),
+        "oracle_checked": sum(bool(r.oracle) and not r.oracle.get("error") for r in built),
+        "oracle_passed": sum(bool(r.oracle.get("ok")) for r in built),
         "icc_cached": sum(r.lossy.get("cached_linears", 0) > 0 for r in built),
-        "fxdit_defects": sum(r.status in ("fxdit error", "wrong result") for r in rows),
+        "with_case": sum(r.cls in cases.CASES for r in rows),
+        "fxdit_defects": sum(r.status in ("fxdit error", "wrong result", "oracle mismatch") for r in rows),
         "torch_compile_fails": sum(r.status == "torch.compile fails" for r in rows),
     }
 
@@ -734,28 +859,37 @@ def format_table(rows: list[Row], header: str) -> str:
         "",
         header,
         "",
-        f"**Summary**: {s['tried']} classes tried, {s['built']} built tiny and ran eager, {s['compiled_ok']} "
-        f"compiled OK with lossless output, {s['with_sites']} with attention sites found, {s['with_blocks']} with "
-        f"blocks found, {s['grat_rewritten']} with GRAT sites rewritten, {s['icc_cached']} with ICC-cached linears; "
-        f"{s['fxdit_defects']} fxdit defects (error or wrong result), {s['torch_compile_fails']} where "
-        "torch.compile fails without fxdit too.",
+        f"**Summary**: {s['tried']} classes tried ({s['with_case']} with a case in `tools/coverage_cases.py`), "
+        f"**{s['built']} built** tiny and ran eager, {s['compiled_ok']} compiled OK with lossless output, "
+        f"{s['with_sites']} with attention sites found, {s['with_blocks']} with blocks found; "
+        f"**GRAT applies to {s['grat_rewritten']} classes** ({s['grat_sites']} sites rewritten), "
+        f"**{s['oracle_checked']} checked against the GRAT oracle, {s['oracle_passed']} passed**; "
+        f"**{s['icc_cached']} with ICC-cached linears**; {s['fxdit_defects']} fxdit defects (error, wrong result "
+        f"or oracle mismatch), {s['torch_compile_fails']} where torch.compile fails without fxdit too.",
         "",
         "Columns: **status** (`ok`; `not built`: no tiny config/inputs the eager model runs on; `torch.compile "
-        "fails`: the same compile fails without fxdit; `fxdit error` / `wrong result`: fxdit defects); **in** the "
-        "latent layout that ran; **graphs** Dynamo handed to fxdit; **sites** attention sites found; **blocks** "
-        "transformer blocks found (linears); **grid** token grid inferred; **err** max |compiled − eager| with "
-        "every lossy option off (**|y|** max |eager|); **GRAT** sites rewritten by GRAT-B (2×2 or 1×2×2 groups, "
-        "`min_tokens=0`); **ICC** linears / blocks cached with rank-4 SVD factors; **lossy err** full step / "
-        "cached step vs eager (GRAT+ICC, lossy by design, informative only); **left alone** why sites or "
-        "linears stayed untouched.",
+        "fails`: the same compile fails without fxdit; `fxdit error` / `wrong result` / `oracle mismatch`: fxdit "
+        "defects); **in** the inputs that ran (`case`: the class's case, from the diffusers model test; else the "
+        "generic latent layout); **graphs** Dynamo handed to fxdit; **sites** attention sites found; **blocks** "
+        "transformer blocks found (linears); **grid** token grid fxdit inferred (**case grid**: the token grid the "
+        "case table states, T×H×W); **err** max |compiled − eager| with every lossy option off (**|y|** max "
+        "|eager|); **GRAT** sites rewritten by GRAT-B (1×2×2 groups, radius 1, `min_tokens=0`); **oracle err** "
+        "GRAT alone vs the oracle (`tests/grat_oracle.py`: the eager model with dense SDPA under the grouped mask "
+        "built from the case's grid and text side): max |fxdit − oracle|, `ok` when fxdit rewrote exactly the "
+        "calls the oracle masked and the error is within the tolerance; **ICC** linears / blocks cached with "
+        "rank-4 SVD factors; **lossy err** full step / cached step vs eager (GRAT+ICC, lossy by design, "
+        "informative only); **left alone** why sites or linears stayed untouched, as fxdit reports it.",
         "",
-        "| class | status | in | graphs | sites | blocks | grid | err | \\|y\\| | GRAT | ICC | lossy err | "
-        "left alone / reason |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| class | status | in | graphs | sites | blocks | grid | case grid | err | \\|y\\| | GRAT | oracle err | "
+        "ICC | lossy err | left alone / reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        case = cases.CASES.get(r.cls)
+        case_grid = "×".join(map(str, case.grid)) + (f" ({case.text})" if case.text != "none" else "") \
+            if case is not None and case.grid is not None else ""
         if r.status == "not built":
-            lines.append(f"| {r.cls} | not built |  |  |  |  |  |  |  |  |  |  | {_cell(r.reason)} |")
+            lines.append(f"| {r.cls} | not built |  |  |  |  |  | {case_grid} |  |  |  |  |  |  | {_cell(r.reason)} |")
             continue
         lo = r.lossy
         grid = "×".join(map(str, r.token_grid)) if r.token_grid else "—"
@@ -764,12 +898,12 @@ def format_table(rows: list[Row], header: str) -> str:
         _merge(left, {f"GRAT: {k}": v for k, v in (lo.get("grat_skipped") or {}).items()})
         _merge(left, {f"ICC: {k}": v for k, v in (lo.get("plan_skipped") or {}).items()})
         notes = _fmt_counts(left)
-        if lo.get("grat_note"):
-            notes = "; ".join(x for x in (notes, lo["grat_note"]) if x)
         if lo.get("factors", "").startswith(("none", "calibration")):
             notes = "; ".join(x for x in (notes, f"ICC factors: {lo['factors']}") if x)
         if lo.get("error"):
             notes = "; ".join(x for x in (notes, f"GRAT+ICC run: {lo['error']}") if x)
+        if r.graphs and not r.sites:
+            notes = "; ".join(x for x in ("GRAT: no attention site found", notes) if x)
         if r.reason:
             notes = "; ".join(x for x in (r.reason, notes) if x)
         icc = f"{lo.get('cached_linears', 0)} / {lo.get('cached_blocks', 0)}" if lo else ""
@@ -777,15 +911,16 @@ def format_table(rows: list[Row], header: str) -> str:
             else ""
         lines.append(
             f"| {r.cls} | {r.status} | {r.layout} | {r.graphs or ''} | {r.sites if r.graphs else ''} | "
-            f"{f'{r.blocks} ({r.linears})' if r.graphs else ''} | {grid if r.graphs else ''} | {_fmt_err(r.err)} | "
-            f"{_fmt_err(r.scale)} | {lo.get('grat_rewritten', '') if lo else ''} | {icc} | {lossy} | "
-            f"{_cell(notes)} |")
+            f"{f'{r.blocks} ({r.linears})' if r.graphs else ''} | {grid if r.graphs else ''} | {case_grid} | "
+            f"{_fmt_err(r.err)} | {_fmt_err(r.scale)} | {lo.get('grat_rewritten', '') if lo else ''} | "
+            f"{_cell(_oracle_cell(r.oracle))} | {icc} | {lossy} | {_cell(notes)} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--classes", default="", help="comma-separated class names (default: every class)")
+    ap.add_argument("--classes", "--only", default="",
+                    help="comma-separated class names (default: every class)")
     ap.add_argument("--no-inductor", action="store_true", help="run the rewritten graphs as Python")
     ap.add_argument("--inductor-subset", default="",
                     help="with --no-inductor: these classes (comma-separated) run again with inductor")
