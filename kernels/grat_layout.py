@@ -48,6 +48,7 @@ __all__ = [
     "token_groups",
     "group_adj",
     "block_mask_tables",
+    "block_mask_tables_qk",
     "dense_mask",
     "block_density",
     "closed_form_density",
@@ -390,6 +391,26 @@ def block_mask_tables(layout: SequenceLayout, block_size: int | None = None) -> 
     if bs < 1:
         raise ValueError(f"block_size={bs}; expected a positive integer")
     return _block_mask_tables(layout, bs)
+
+
+@functools.lru_cache(maxsize=32)
+def _block_mask_tables_qk(q_layout: SequenceLayout, kv_layout: SequenceLayout, block_size: int) -> BlockTables:
+    full, partial = block_flags(token_groups(q_layout), token_groups(kv_layout), group_adj(kv_layout), block_size)
+    return BlockTables(*_tables_from_flags(full, partial), block_size)
+
+
+def block_mask_tables_qk(q_layout: SequenceLayout, kv_layout: SequenceLayout,
+                         block_size: int | None = None) -> BlockTables:
+    """BlockMask tables for queries laid out as ``q_layout`` over keys laid out as ``kv_layout`` (e.g. image
+    queries over the joint image+text keys); both layouts hold the same grid and group. Cached.
+    """
+    if (q_layout.grid, q_layout.group, q_layout.mode, q_layout.radius) != (
+            kv_layout.grid, kv_layout.group, kv_layout.mode, kv_layout.radius):
+        raise ValueError("q_layout and kv_layout must share grid, group, mode and radius")
+    bs = default_block_size(q_layout.group) if block_size is None else int(block_size)
+    if bs < 1:
+        raise ValueError(f"block_size={bs}; expected a positive integer")
+    return _block_mask_tables_qk(q_layout, kv_layout, bs)
 
 
 def default_block_size(group: tuple[int, ...]) -> int:

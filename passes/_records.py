@@ -39,12 +39,15 @@ class AttentionSite:
         image_span: ``(start, stop)`` of the image/video tokens along the sequence, when known.
         text_span: ``(start, stop)`` of the non-image tokens (text, and learned/register tokens beside it), when
             the sequence joins them to the image tokens in one run; ``None`` when they lie on both sides.
-        global_spans: every run of non-image tokens (the tokens GRAT keeps global), in sequence order.
+        global_spans: every run of non-image tokens (the tokens GRAT keeps global), in sequence order (of the keys
+            for ``"joint_kv"`` sites).
+        kv_image_span: for ``"joint_kv"`` sites, ``(start, stop)`` of the image tokens among the keys.
         cross: True when keys come from another sequence than queries (image→text cross-attention).
         block: index of the transformer block the site lives in (``None`` when outside any block).
         span_source: how the spans were found (``"cat"``: joint text+image sequence, ``"self"``: image tokens
             only, ``"cross"``: image queries, keys from another sequence, ``"text"``: text tokens only (a text
-            refiner; ``image_span`` is ``None``), ``"unknown"``).
+            refiner; ``image_span`` is ``None``), ``"joint_kv"``: image queries, keys of the same image tokens
+            joined to text/learned tokens, ``"unknown"``).
     """
 
     node: str
@@ -70,6 +73,7 @@ class AttentionSite:
     image_span: tuple[int, int] | None = None
     text_span: tuple[int, int] | None = None
     global_spans: tuple[tuple[int, int], ...] = ()
+    kv_image_span: tuple[int, int] | None = None
     cross: bool = False
     block: int | None = None
     span_source: str = "unknown"

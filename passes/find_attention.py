@@ -302,6 +302,15 @@ def _spans(q_lay: Layout | None, k_lay: Layout | None, q_len: int, kv_len: int, 
     same = k_lay is not None and k_lay.merged() == q_lay.merged()
     if not same:
         k_streams = k_lay.streams if k_lay is not None else frozenset()
+        if q_lay.streams == {"image"} and k_lay is not None and k_lay.dim == q_lay.dim:
+            k_spans = k_lay.spans()
+            k_img = k_spans.get("image", [])
+            others = sorted(r for st, runs in k_spans.items() if st != "image" for r in runs)
+            if (len(k_img) == 1 and k_img[0][1] - k_img[0][0] == q_len and others
+                    and "unknown" not in k_spans):
+                # image queries over the joint sequence of the same image tokens and text (or learned) tokens
+                return {"span_source": "joint_kv", "image_span": (0, q_len), "kv_image_span": k_img[0],
+                        "global_spans": tuple(_join_runs(others))}
         if q_lay.streams == {"image"} and (kv_len != q_len or k_streams - {"image"}):
             return {"span_source": "cross", "cross": True, "image_span": (0, q_len)}
         return unknown
@@ -367,7 +376,8 @@ def _site(node: fx.Node, form: str, nodes: tuple[str, ...], q: fx.Node, k: fx.No
         enable_gqa=bool(gqa) if isinstance(gqa, bool) else False,
         dtype=dtype, layout=layout,
         image_span=span.get("image_span"), text_span=span.get("text_span"),
-        global_spans=span.get("global_spans", ()), cross=span.get("cross", False),
+        global_spans=span.get("global_spans", ()), kv_image_span=span.get("kv_image_span"),
+        cross=span.get("cross", False),
         span_source=span["span_source"],
     )
 

@@ -147,7 +147,13 @@ def _why_not(site: AttentionSite, grid: tuple[int, ...] | None, cfg: FxditConfig
         return R_LAYOUT
     if site.span_source == "text":
         return R_TEXT_ONLY
-    if site.span_source == "unknown" or site.image_span is None or site.q_len != site.kv_len:
+    if site.span_source == "unknown" or site.image_span is None:
+        return R_SPAN
+    if site.span_source == "joint_kv":
+        kv = site.kv_image_span
+        if kv is None or kv[1] - kv[0] != site.q_len or not (0 <= kv[0] < kv[1] <= site.kv_len):
+            return R_SPAN
+    elif site.q_len != site.kv_len:
         return R_SPAN
     start, stop = site.image_span
     if not (0 <= start < stop <= site.q_len):
@@ -850,6 +856,8 @@ def _plan_hoisting(gm: fx.GraphModule, grid_rec: TokenGrid | None, grid: tuple[i
                    nodes: dict[str, fx.Node]) -> tuple[_Flow | None, str]:
     """Follow the token stream; return the flow when hoisting is valid and saves gathers, else the reason."""
     n = math.prod(grid)
+    if any(p.site.span_source == "joint_kv" for p in plans):
+        return None, "image queries over joint image+text keys: permuted per site"
     if grid_rec is not None and grid_rec.patch_node is not None:
         entry = nodes.get(grid_rec.patch_node)
     else:
@@ -1015,38 +1023,58 @@ def _rewrite_site(gm: fx.GraphModule, plan: _Plan, cfg: FxditConfig, grid: tuple
         order = consts.vector(("order", seq, start), build)
     layout = gl.SequenceLayout(seq, image_start, grid, group, att.mode, att.radius)
     consts.layouts.add((layout, block_size))
-    groups = gl.token_groups(layout)
+    tag = f"grat_{seq}_{image_start}"
+    kv_order = order
+    if site.span_source == "joint_kv":
+        # queries: the image tokens alone; keys: the same image tokens (group order first) and the global tokens
+        assert site.kv_image_span is not None
+        kv_len, (kv_start, kv_stop) = site.kv_len, site.kv_image_span
+
+        def build_kv() -> torch.Tensor:
+            others = [i for i in range(kv_len) if not (kv_start <= i < kv_stop)]
+            return torch.cat([kv_start + perm, torch.tensor(others, dtype=torch.int64)])
+
+        kv_order = consts.vector(("order", kv_len, kv_start), build_kv)
+        kv_layout = gl.SequenceLayout(kv_len, 0, grid, group, att.mode, att.radius)
+        consts.layouts.add((kv_layout, block_size))
+        tables = gl.block_mask_tables_qk(layout, kv_layout, block_size)
+        tag_kv = f"grat_{kv_len}_0"
+        groups_n = consts.lift(f"{tag}_groups", gl.token_groups(layout))
+        kv_groups_n = consts.lift(f"{tag_kv}_groups", gl.token_groups(kv_layout))
+        tag = f"grat_{seq}x{kv_len}"
+    else:
+        tables = gl.block_mask_tables(layout, block_size)
+        groups_n = kv_groups_n = consts.lift(f"{tag}_groups", gl.token_groups(layout))
     adj = gl.group_adj(layout)
-    tables = gl.block_mask_tables(layout, block_size)
     scale = float(site.scale) if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
 
-    tag = f"grat_{seq}_{image_start}"
-    groups_n = consts.lift(f"{tag}_groups", groups)
     adj_n = consts.lift(f"{tag}_adj", adj)
     tab = [consts.lift(f"{tag}_{name}", t) for name, t in zip(
         ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"), tables[:4])]
     order_n = None if hoisted else consts.lift(f"grat_order_{seq}_{start}", order)
+    kv_order_n = order_n if kv_order is order else consts.lift(
+        f"grat_order_{site.kv_len}_{site.kv_image_span[0]}", kv_order)  # type: ignore[index]
 
     with graph.inserting_before(old):
-        def gather(x: fx.Node) -> fx.Node:
+        def gather(x: fx.Node, idx: fx.Node | None) -> fx.Node:
             if hoisted:
                 # A fresh contiguous BHSD buffer, as the per-site gather gives: inductor's CPU flex template reads
                 # the *base* buffer's layout of its q/k/v and fails on views of buffers of another rank.
                 c = graph.call_function(torch.clone, (x,), {"memory_format": torch.contiguous_format})
                 meta.stamp(c, old, {"grat_permute": "none (contiguous copy)"})
                 return c
-            g = _index_select(graph, x, 2, order_n)
+            g = _index_select(graph, x, 2, idx)  # type: ignore[arg-type]
             meta.stamp(g, old, {"grat_permute": "site"})
             return g
 
-        qp = gather(q)
-        kp = qp if k is q else gather(k)
-        vp = qp if v is q else kp if v is k else gather(v)
+        qp = gather(q, order_n)
+        kp = qp if k is q else gather(k, kv_order_n)
+        vp = qp if v is q else kp if v is k else gather(v, kv_order_n)
         kv_valid = None
         if site.mask is not None:
-            kv_valid = _kv_valid(graph, nodes[site.mask], site, consts, order, meta, old)
+            kv_valid = _kv_valid(graph, nodes[site.mask], site, consts, kv_order, meta, old)
         new = graph.call_function(torch.ops.fxdit.grouped_attention.default, (
-            qp, kp, vp, groups_n, groups_n, adj_n, *tab, kv_valid, scale, int(block_size)))
+            qp, kp, vp, groups_n, kv_groups_n, adj_n, *tab, kv_valid, scale, int(block_size)))
         density = gl.block_density(tables)
         info = {
             "mode": att.mode, "group": tuple(group), "grid": tuple(grid), "block_size": int(block_size),

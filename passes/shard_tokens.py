@@ -236,7 +236,9 @@ def shard_tokens(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
                 rb.skip(R_KV_VALID, node.name)
                 return rb.build()
             mode = node.meta["fxdit"]["grat"]["mode"]
-            kind = "halo" if (par.mode == "halo" and mode == "grat-b") else "ulysses"
+            # halo exchange needs queries and keys of one sequence; image queries over joint keys use Ulysses
+            same_seq = node.args[3] is node.args[4]
+            kind = "halo" if (par.mode == "halo" and mode == "grat-b" and same_seq) else "ulysses"
             plans.append((kind, node, None))
         elif node in sites:
             site = sites[node]

@@ -272,3 +272,59 @@ def test_grid_sources_that_disagree_leave_the_site_dense_with_the_reason():
     gm2, _ = _capture_kw(model, (torch.randn(2, 24, 12),), {})
     work = fresh_copy(gm2)
     assert rewrite_grouped_attention(work, cfg).rewritten == 1
+
+
+class ImageQueriesJointKeys(nn.Module):
+    """Image tokens attend the joint ``[image | text]`` keys; text tokens are only keys (with key padding)."""
+
+    def __init__(self, hidden: int = 32, heads: int = 2, text_first: bool = False) -> None:
+        super().__init__()
+        self.heads, self.text_first = heads, text_first
+        self.patch = nn.Conv2d(4, hidden, 2, 2)
+        self.text_proj = nn.Linear(16, hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.kv_text = nn.Linear(hidden, 2 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.extra: torch.Tensor | None = None  # the oracle's [S_img, S_kv] mask, when set
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+        img = self.patch(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(img).chunk(3, dim=-1)
+        tk, tv = self.kv_text(self.text_proj(text)).chunk(2, dim=-1)
+        k = torch.cat([tk, k] if self.text_first else [k, tk], dim=1)
+        v = torch.cat([tv, v] if self.text_first else [v, tv], dim=1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        ones = torch.ones_like(text_valid[:, :1]).expand(-1, img.shape[1])
+        valid = torch.cat([text_valid, ones] if self.text_first else [ones, text_valid], dim=1)
+        mask = valid[:, None, None, :]
+        if self.extra is not None:
+            mask = mask & self.extra
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("text_first", [False, True])
+def test_image_queries_over_joint_image_text_keys(text_first):
+    torch.manual_seed(0)
+    model = ImageQueriesJointKeys(text_first=text_first).eval()
+    x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 6, 16)
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    gm, inputs = _capture_kw(model, (x, text, valid), {})
+    (site,) = fxdit_meta(gm)["attention_sites"]
+    kv_img = (6, 70) if text_first else (0, 64)
+    assert (site.span_source, site.cross, site.image_span, site.kv_image_span) == ("joint_kv", False, (0, 64), kv_img)
+    cfg = FxditConfig.from_options({"attention": {"mode": "grat-b", "group": (2, 2), "radius": 1, "min_tokens": 0},
+                                    "on_pass_error": "raise"})
+    work = fresh_copy(gm)
+    report = rewrite_grouped_attention(work, cfg)
+    assert report.rewritten == 1
+    with torch.no_grad():
+        out = work(*inputs, *lifted_constants(work))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        dense = model(x, text, valid)
+        full = grat_mask((8, 8), (2, 2), 1, 70, 6 if text_first else 0)
+        model.extra = full[6:, :] if text_first else full[:64, :]
+        ref = model(x, text, valid)
+        model.extra = None
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert (out - dense).abs().max() > 1e-3
