@@ -259,12 +259,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditC
     from fxdit.passes._dataflow import record_position_ids
 
     record_position_ids(work, example_inputs)  # packed-latent models (Flux) show their token grid only in ids
+    from fxdit import carry
+    from fxdit.passes._fx_utils import fxdit_meta
+
+    carried = carry.lookup(work, example_inputs)  # token layouts an earlier graph of the model handed over
+    if carried:
+        fxdit_meta(work)["carried_tokens"] = carried
     work, reports = run_pipeline(work, cfg, passes=passes, dump=dump)
     reports.extend(PassReport(name, skipped={GRAD_LEFT_OUT: 1}) for name in left_out)
 
     runtime = None
-    from fxdit.passes._fx_utils import fxdit_meta
-
     state = fxdit_meta(work)
     compiled = None
     if state.get("cache_plan") is not None:
@@ -287,6 +291,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditC
             runtime = None
     if compiled is None:
         compiled = lower(work, example_inputs, cfg)
+    if state.get("output_tokens"):
+        compiled = carry.tagging(compiled, state["output_tokens"])
 
     summary = _summary(work)
     if pinned:

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from fxdit.passes._fx_utils import fake_value, fxdit_meta, module_stack
-from fxdit.passes._records import TokenGrid
+from fxdit.passes._records import CarriedTokens, TokenGrid
 
 __all__ = [
     "FUNCTION_KINDS",
@@ -49,6 +49,7 @@ __all__ = [
     "trace_back",
     "trace_forward",
     "record_position_ids",
+    "output_tokens",
 ]
 
 _aten = torch.ops.aten
@@ -125,6 +126,8 @@ FUNCTION_KINDS: dict[Any, str] = {
     torch.clone: "cast",
     torch.einsum: "einsum",
     torch.broadcast_to: "broadcast",
+    torch.view_as_complex: "view",
+    torch.view_as_real: "view",
 }
 for _name in ("rms_norm",):
     for _mod in (F, torch):
@@ -266,8 +269,9 @@ class Layout:
     Attributes:
         dim: the sequence dimension (non-negative).
         segments: ``((stream, length), ...)`` in sequence order; stream is ``"image"``, ``"text"``, ``"learned"``
-            (tokens computed from parameters only: register / learned tokens) or ``"unknown"`` (tokens of an origin
-            the graph does not show).
+            (tokens computed from parameters only: register / learned tokens), ``"pad"`` (positions of a buffer no
+            token was written to), ``"ragged"`` (a buffer whose rows hold their tokens at different positions) or
+            ``"unknown"`` (tokens of an origin the graph does not show).
     """
 
     dim: int
@@ -434,6 +438,8 @@ class _Propagator:
         self.layouts: dict[fx.Node, Layout] = {}
         # split nodes: list of per-piece layouts (or None)
         self.pieces: dict[fx.Node, list[Layout | None]] = {}
+        # buffers written row by row: row -> [(start, stop, segments)], or None when written otherwise
+        self.rows: dict[fx.Node, dict[int, list[tuple[int, int, tuple[tuple[str, int], ...]]]] | None] = {}
 
     def run(self) -> dict[fx.Node, Layout]:
         for node in self.gm.graph.nodes:
@@ -460,6 +466,9 @@ class _Propagator:
         return None
 
     def _visit(self, node: fx.Node) -> Layout | None:
+        if node.op == "call_function" and node.target is operator.setitem:
+            self._visit_setitem(node)
+            return None
         k = kind(node)
         if k is None or k in ("placeholder", "output", "get_attr", "conv", "einsum"):
             return None
@@ -539,6 +548,13 @@ class _Propagator:
             if d is None and self.frames:
                 return _merge_frames(lay, in_shape, out_shape, self.frames)
             return lay.moved(d) if d is not None else None
+        if k == "broadcast":  # expand / repeat: the token dim keeps its place (from the right) and its size
+            src, lay = self._src(node)
+            in_shape = shape_of(src)
+            if lay is None or in_shape is None:
+                return None
+            d = lay.dim + out_nd - len(in_shape)
+            return lay.moved(d) if 0 <= d < out_nd and out_shape[d] == in_shape[lay.dim] else None
         if k == "cat":
             return self._visit_cat(node, out_nd)
         if k == "stack":
@@ -571,6 +587,7 @@ class _Propagator:
         p = _Propagator.__new__(_Propagator)
         p.layouts = {src: Layout(dim, (("image", in_shape[dim]),))}
         p.pieces = {}
+        p.rows = {}
         p.seeds = {}
         try:
             lay = p._visit(node)
@@ -581,6 +598,53 @@ class _Propagator:
     def _src(self, node: fx.Node) -> tuple[Any, Layout | None]:
         src = node.args[0] if node.args else node.kwargs.get("input")
         return src, self.layouts.get(src) if isinstance(src, fx.Node) else None
+
+    def _visit_setitem(self, node: fx.Node) -> None:
+        """``buf[i, a:b] = tokens``: a sequence assembled row by row in a ``(B, S, C)`` buffer (per-sample
+        joining of text and image tokens). Once every row is written, the buffer gets the rows' layout when all
+        rows agree (unwritten positions are ``"pad"`` tokens); rows that differ leave it without a layout."""
+        if len(node.args) != 3 or not isinstance(node.args[0], fx.Node):
+            return
+        buf, idx, val = node.args
+        shape = shape_of(buf)
+        if shape is None or len(shape) != 3 or not isinstance(idx, tuple) or len(idx) != 2:
+            return
+        row, sl = idx
+        if not isinstance(row, int) or not isinstance(sl, slice) or sl.step not in (None, 1) or any(
+                isinstance(x, fx.Node) for x in (sl.start, sl.stop)):
+            self.rows[buf] = None  # written in a way the rows cannot be told: no layout
+            self.layouts.pop(buf, None)
+            return
+        if buf in self.rows and self.rows[buf] is None:
+            return
+        a, b, _ = sl.indices(shape[1])
+        lay = self.layouts.get(val) if isinstance(val, fx.Node) else None
+        segs = lay.segments if lay is not None and lay.dim == 0 and lay.length == b - a else (("unknown", b - a),)
+        rows = self.rows.setdefault(buf, {})
+        rows.setdefault(row % shape[0], []).append((a, b, tuple(segs)))  # type: ignore[union-attr]
+        if len(rows) != shape[0]:  # type: ignore[arg-type]
+            return
+        laid: set[tuple[tuple[str, int], ...]] = set()
+        for pieces in rows.values():  # type: ignore[union-attr]
+            out: list[tuple[str, int]] = []
+            pos = 0
+            for a, b, segs in sorted(pieces):
+                if a < pos:
+                    laid.add((("unknown", shape[1]),))  # overlapping writes
+                    break
+                if a > pos:
+                    out.append(("pad", a - pos))
+                out.extend(segs)
+                pos = b
+            if pos < shape[1]:
+                out.append(("pad", shape[1] - pos))
+            laid.add(Layout(1, tuple(out)).merged())
+        if any(st == "unknown" for segs in laid for st, _ in segs):
+            self.layouts.pop(buf, None)
+        elif len(laid) == 1:
+            self.layouts[buf] = Layout(1, next(iter(laid)))
+        else:  # the rows place their tokens differently (e.g. captions of different lengths before the image)
+            self.layouts[buf] = Layout(1, (("ragged", shape[1]),))
 
     def _visit_split(self, node: fx.Node) -> None:
         src, lay = self._src(node)
@@ -833,7 +897,8 @@ def _unfold_grid(gm: fx.GraphModule) -> tuple[TokenGrid, fx.Node] | None:
                     if kind(u) not in _CHAIN_KINDS and not (u.op == "call_method" and u.target == "unfold"):
                         continue
                     us = shape_of(u)
-                    if us is not None and len(us) == 3 and us[0] == s[0] and any(kind(w) == "linear" for w in u.users):
+                    if us is not None and len(us) == 3 and us[0] == s[0] and any(
+                            kind(w) in ("linear", "output") for w in u.users):
                         n_tok = us[1]
                         grid = _grid_from_tokens(tuple(spatial), n_tok)
                         if grid is not None:
@@ -894,6 +959,32 @@ def _ids_grid(gm: fx.GraphModule, n_tok: int) -> TokenGrid | None:
         if math.prod(extent) == n_tok:
             return TokenGrid(shape=extent, source="ids")  # type: ignore[arg-type]
     return None
+
+
+def _carried_image(placeholders: list[fx.Node],
+                   carried: dict[str, CarriedTokens]) -> tuple[fx.Node, CarriedTokens] | None:
+    """The one input holding image tokens whose layout an earlier graph of the model found, if exactly one."""
+    hits = [(n, carried[n.name]) for n in placeholders
+            if n.name in carried and any(st == "image" for st, _ in carried[n.name].segments)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def output_tokens(gm: fx.GraphModule, streams: Streams) -> dict[int, CarriedTokens]:
+    """Graph outputs that carry image tokens of the known grid (to seed the next graph after a graph break)."""
+    grid = streams.grid
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    if grid is None or out is None or grid.source == "option":
+        return {}
+    vals = out.args[0] if isinstance(out.args[0], (list, tuple)) else (out.args[0],)
+    found: dict[int, CarriedTokens] = {}
+    for i, v in enumerate(vals):
+        lay = streams.layout(v)
+        if lay is None or "image" not in lay.streams:
+            continue
+        if sum(n for st, n in lay.segments if st == "image") != grid.tokens:
+            continue
+        found[i] = CarriedTokens(lay.dim, tuple(lay.merged()), tuple(grid.shape))  # type: ignore[arg-type]
+    return found
 
 
 def _table_grid(gm: fx.GraphModule, n_tok: int) -> TokenGrid | None:
@@ -1026,6 +1117,7 @@ def token_streams(gm: fx.GraphModule, cfg: Any = None) -> Streams:
     """
     reason = ""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and _is_float_input(n)]
+    carried: dict[str, CarriedTokens] = dict(fxdit_meta(gm).get("carried_tokens") or {})
     image_input: fx.Node | None = None
     grid: TokenGrid | None = None
     seeds: dict[fx.Node, Layout] = {}
@@ -1039,6 +1131,12 @@ def token_streams(gm: fx.GraphModule, cfg: Any = None) -> Streams:
             seeds[patch] = Layout(1, (("image", per_frame),))
         else:
             reason = "patch embedding found but no (B, N, C) token node after it"
+    elif (hit := _carried_image(placeholders, carried)) is not None:
+        image_input, rec = hit
+        seeds[image_input] = Layout(rec.dim, rec.segments)
+        first_linear = next((u for u in image_input.users if kind(u) == "linear"), None)
+        grid = TokenGrid(shape=rec.grid, source="carried",
+                         patch_node=first_linear.name if first_linear is not None and rec.dim == 1 else None)
     else:
         three_d = [n for n in placeholders if _ndim(n) == 3]
         image_input = _packed_image_input(gm, [n for n in three_d if any(kind(u) == "linear" or
@@ -1058,7 +1156,13 @@ def token_streams(gm: fx.GraphModule, cfg: Any = None) -> Streams:
 
     text_inputs = []
     for n in placeholders:
-        if n is image_input or _ndim(n) != 3:
+        if n is image_input:
+            continue
+        if n.name in carried:  # a layout an earlier graph of the model found
+            rec = carried[n.name]
+            seeds[n] = Layout(rec.dim, rec.segments)
+            continue
+        if _ndim(n) != 3:
             continue
         s = shape_of(n)
         seeds[n] = Layout(1, (("text", s[1]),))  # type: ignore[index]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["AttentionSite", "LinearInfo", "BlockInfo", "TokenGrid", "LINEAR_ROLES"]
+__all__ = ["AttentionSite", "LinearInfo", "BlockInfo", "TokenGrid", "CarriedTokens", "LINEAR_ROLES"]
 
 #: Roles ``find_blocks`` gives to the linear layers of a transformer block.
 LINEAR_ROLES = ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out", "modulation", "other")
@@ -47,7 +47,8 @@ class AttentionSite:
         span_source: how the spans were found (``"cat"``: joint text+image sequence, ``"self"``: image tokens
             only, ``"cross"``: image queries, keys from another sequence, ``"text"``: text tokens only (a text
             refiner; ``image_span`` is ``None``), ``"joint_kv"``: image queries, keys of the same image tokens
-            joined to text/learned tokens, ``"unknown"``).
+            joined to text/learned tokens, ``"ragged"``: each sample of the batch holds its image tokens at
+            other positions (per-sample caption lengths), ``"unknown"``).
     """
 
     node: str
@@ -169,3 +170,23 @@ class TokenGrid:
     @property
     def is_video(self) -> bool:
         return self.shape[0] > 1
+
+
+@dataclass(frozen=True)
+class CarriedTokens:
+    """The token layout of a tensor one graph hands to the next across a graph break.
+
+    ``find_blocks`` records it for the outputs of a graph whose tokens it understands
+    (``gm.meta["fxdit"]["output_tokens"]``: output index → record); the backend tags those output tensors when the
+    graph runs and, when a later graph of the model receives one as an input, puts the record in that graph's
+    ``gm.meta["fxdit"]["carried_tokens"]`` (placeholder name → record), where :func:`token_streams` seeds it.
+
+    Attributes:
+        dim: the token dimension.
+        segments: ``((stream, length), ...)`` along it (see :class:`~fxdit.passes._dataflow.Layout`).
+        grid: the token grid ``(T, H, W)`` of the image segment.
+    """
+
+    dim: int
+    segments: tuple[tuple[str, int], ...]
+    grid: tuple[int, int, int]

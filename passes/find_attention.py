@@ -314,6 +314,8 @@ def _spans(q_lay: Layout | None, k_lay: Layout | None, q_len: int, kv_len: int, 
         if q_lay.streams == {"image"} and (kv_len != q_len or k_streams - {"image"}):
             return {"span_source": "cross", "cross": True, "image_span": (0, q_len)}
         return unknown
+    if "ragged" in q_spans:
+        return {"span_source": "ragged", "cross": False}
     if "unknown" in q_spans:
         return unknown
     img = q_spans.get("image", [])

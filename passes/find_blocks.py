@@ -50,6 +50,7 @@ from fxdit.passes._dataflow import (
     block_index_map,
     block_paths,
     kind,
+    output_tokens,
     shape_of,
     token_streams,
     trace_back,
@@ -414,6 +415,7 @@ def _analyse_blocks(gm: fx.GraphModule, cfg: Any,
         blocks.append(BlockInfo(index=index, path=path, linears=infos, tokens=facts.tokens, hidden=facts.hidden))
     if rb is not None and streams.reason:
         rb.details["grid_reason"] = streams.reason
+    fxdit_meta(gm)["output_tokens"] = output_tokens(gm, streams)
     return blocks, streams.grid
 
 

@@ -79,6 +79,7 @@ R_DENSE = "attention.mode is 'dense'"
 R_LAYER = "block not in attention.layers"
 R_CROSS = "cross-attention stays dense"
 R_SPAN = "token span not understood"
+R_RAGGED = "image tokens at other positions in each sample (per-sample text lengths)"
 R_TEXT_ONLY = "no image tokens (text-only attention)"
 R_MIN_TOKENS = "fewer image tokens than attention.min_tokens"
 R_NO_GRID = "no token grid"
@@ -147,6 +148,8 @@ def _why_not(site: AttentionSite, grid: tuple[int, ...] | None, cfg: FxditConfig
         return R_LAYOUT
     if site.span_source == "text":
         return R_TEXT_ONLY
+    if site.span_source == "ragged":
+        return R_RAGGED
     if site.span_source == "unknown" or site.image_span is None:
         return R_SPAN
     if site.span_source == "joint_kv":

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, lifted_constants
 from fxdit.passes.pipeline import find_attention, find_blocks
-from fxdit.passes.rewrite_grouped_attention import rewrite_grouped_attention
+from fxdit.passes.rewrite_grouped_attention import R_RAGGED, rewrite_grouped_attention
 from torch import nn
 
 from fxdit.config import FxditConfig
@@ -328,3 +328,78 @@ def test_image_queries_over_joint_image_text_keys(text_first):
         model.extra = None
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert (out - dense).abs().max() > 1e-3
+
+
+class BrokenJointSequence(nn.Module):
+    """Patch embedding in one graph, attention in the next (a graph break between), and the joint sequence
+    assembled row by row in a zero buffer (caption, then image, then unwritten padding), as Lumina2 does."""
+
+    def __init__(self, hidden: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Conv2d(4, hidden, 2, 2)
+        self.text_proj = nn.Linear(16, hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        img = self.patch(x).flatten(2).transpose(1, 2)
+        torch._dynamo.graph_break()
+        t = self.text_proj(text)
+        b, n_txt, n_img = t.shape[0], t.shape[1], img.shape[1]
+        seq = img.new_zeros(b, n_txt + n_img + 2, img.shape[2])
+        for i in range(b):
+            seq[i, :n_txt] = t[i]
+            seq[i, n_txt:n_txt + n_img] = img[i]
+        q, k, v = self.qkv(seq).chunk(3, dim=-1)
+        q, k, v = (y.unflatten(-1, (self.heads, -1)).transpose(1, 2) for y in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def test_layout_carried_across_a_graph_break_into_a_row_assembled_sequence(no_inductor):
+    import fxdit
+
+    torch.manual_seed(0)
+    model = BrokenJointSequence().eval()
+    x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 16)
+    options = {"attention": {"mode": "grat-b", "group": (2, 2), "radius": 1, "min_tokens": 0}}
+    compiled = torch.compile(model, backend="fxdit", options=options)
+    with torch.no_grad():
+        out = compiled(x, text)
+        dense = model(x, text)
+        with masked_sdpa(grat_mask((8, 8), (2, 2), 1, 71, 5)):
+            ref = model(x, text)
+    records = fxdit.reports(compiled)
+    assert len(records) == 2
+    first, second = records
+    assert first.summary["token_grid"] == (1, 8, 8) and first.summary["attention_sites"] == 0
+    assert second.summary["token_grid"] == (1, 8, 8)
+    rewrite = next(r for r in second.reports if r.name == "rewrite_grouped_attention")
+    assert rewrite.rewritten == 1
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert (out - dense).abs().max() > 1e-3
+
+
+def test_rows_written_with_different_layouts_leave_the_sequence_unknown(no_inductor):
+    class Ragged(BrokenJointSequence):
+        def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            img = self.patch(x).flatten(2).transpose(1, 2)
+            t = self.text_proj(text)
+            seq = img.new_zeros(2, 5 + 64 + 2, img.shape[2])
+            seq[0, :5] = t[0]
+            seq[0, 5:69] = img[0]
+            seq[1, :3] = t[1, :3]  # a shorter caption: the image starts elsewhere in this row
+            seq[1, 3:67] = img[1]
+            q, k, v = self.qkv(seq).chunk(3, dim=-1)
+            q, k, v = (y.unflatten(-1, (self.heads, -1)).transpose(1, 2) for y in (q, k, v))
+            return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    torch.manual_seed(0)
+    gm, _ = _capture_kw(Ragged().eval(), (torch.randn(2, 4, 16, 16), torch.randn(2, 5, 16)), {})
+    (site,) = fxdit_meta(gm)["attention_sites"]
+    assert site.span_source == "ragged"
+    cfg = FxditConfig.from_options({"attention": {"mode": "grat-b", "group": (2, 2), "min_tokens": 0},
+                                    "on_pass_error": "raise"})
+    report = rewrite_grouped_attention(fresh_copy(gm), cfg)
+    assert report.rewritten == 0 and report.skipped == {R_RAGGED: 1}
