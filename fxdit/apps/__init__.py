@@ -8,6 +8,9 @@ The layering is one way: ``fxdit.commands`` (the CLI) and these applications use
 - :mod:`fxdit.apps.models` — shipped model names (``dit-tiny``, the trained demo DiT, tiny diffusers models and
   pipelines) built offline;
 - :mod:`fxdit.apps.sampler` — DDIM with classifier-free guidance and seeded noise, the shipped demo model;
+- :mod:`fxdit.apps.flow_sampler` — flow-matching Euler sampling with batched CFG for the shipped Flux demo model
+  (:mod:`fxdit.apps.models.flux`);
+- :mod:`fxdit.apps.peers` — peer step caches (diffusers' hooks, cache-dit, para-attn) measured beside fxdit;
 - :mod:`fxdit.apps.quality` — PSNR/SSIM gates, class accuracy and feature distances with the shipped classifier;
 - :mod:`fxdit.apps.demo` — the comparison behind ``fxdit demo`` and ``fxdit eval``.
 """
