@@ -2,27 +2,36 @@
 
 For each class exported by ``diffusers`` whose name matches ``Transformer.*Model``:
 
-1. **Build** it from a tiny config derived generically from its ``__init__`` defaults (:func:`tiny_config`):
-   size-like arguments are shrunk by rules keyed by the argument *name* and by how their default relates to the
-   default hidden size and head dim (:data:`SHRINK`), never by class. Every parameter is re-drawn from a seeded
-   normal (diffusers zero-initialises some output layers, which would hide errors).
-2. **Inputs** come from ``forward``'s signature through one table keyed by argument name (:data:`INPUTS`); the
-   latent input is tried in the layouts of :data:`LATENT_LAYOUTS` (image, video, packed tokens) until the eager
-   model runs. A required argument without a rule, or a model no layout runs, is listed with the reason.
+1. **Build** it from the config of its case in ``tools/coverage_cases.py`` (the small configuration of the
+   class's diffusers model test), else from a tiny config derived generically from its ``__init__`` defaults
+   (:func:`tiny_config`): size-like arguments are shrunk by rules keyed by the argument *name* and by how their
+   default relates to the default hidden size and head dim (:data:`SHRINK`), never by class. Every parameter is
+   re-drawn from a seeded normal (diffusers zero-initialises some output layers, which would hide errors).
+2. **Inputs** come from the case's input builder (the dummy inputs of the diffusers test, at an 8×8 token grid),
+   else from ``forward``'s signature through one table keyed by argument name (:data:`INPUTS`); the latent input
+   is then tried in the layouts of :data:`LATENT_LAYOUTS` (image, video, packed tokens) until the eager model runs.
+   A required argument without a rule, or a model no layout runs, is listed with the reason.
 3. **Lossless**: ``torch.compile(backend="fxdit")`` with every lossy option off; the max ``|compiled − eager|``
    is recorded, with the attention sites and blocks fxdit found and the reasons for sites it left alone.
-4. **Lossy** (informative): GRAT-B with 2×2(×1) groups (``min_tokens=0``) and ICC with rank-4 plain-SVD factors,
-   one full and one cached call under ``fxdit.sampling``; records sites rewritten, linears/blocks cached and
-   skip reasons. Its error against eager is lossy by design and only reported.
+4. **Lossy** (informative): GRAT-B with 1×2×2 groups (``min_tokens=0``, :data:`GRAT_OPTIONS`) and ICC with rank-4
+   plain-SVD factors, one full and one cached call under ``fxdit.sampling``; records sites rewritten,
+   linears/blocks cached and skip reasons (fxdit's own). Its error against eager is lossy by design and only
+   reported.
+5. **GRAT oracle**: where GRAT rewrote sites, GRAT alone is compared with ``tests/grat_oracle.py``: the eager model
+   whose attention calls (those the oracle's own rule selects) run dense SDPA under the grouped mask built from the
+   case's token grid and text side, not from anything fxdit inferred (:func:`_oracle_run`).
 
-fxdit must never raise on a model and never change a result in lossless mode: a class where fxdit raises (and the
-eager model runs) or where the lossless output differs from eager is a defect, flagged in the table.
+fxdit must never raise on a model, never change a result in lossless mode, and a GRAT rewrite must equal the
+oracle: a class where fxdit raises (and the eager model runs), where the lossless output differs from eager, or
+where GRAT differs from the oracle is a defect, flagged in the table.
 
 Usage::
 
     python tools/coverage.py                          # every class, inductor, writes benchmarks/coverage.md
     python tools/coverage.py --no-inductor            # the rewritten graphs run as Python (no C++ compile)
     python tools/coverage.py --classes DiTTransformer2DModel,FluxTransformer2DModel --no-lossy
+    python tools/coverage.py --no-inductor --only CogVideoXTransformer3DModel --out /tmp/c.md --json /tmp/c.json
+    python tools/coverage.py --no-inductor --resume --rerun FluxTransformer2DModel   # refresh rows of the json
     python tools/coverage.py --no-inductor --inductor-subset DiTTransformer2DModel,SanaTransformer2DModel
 
 ``tests/test_coverage.py`` runs a subset by default and the whole sweep under ``-m slow``.
@@ -655,14 +664,16 @@ def check_class(name: str, *, inductor: bool = True, lossy: bool = True, lossy_i
             row.reason = f"lossless output differs from eager by {row.err:.3g} (max |eager| {row.scale:.3g})"
         if lossy:
             with contextlib.nullcontext() if (lossy_inductor or not inductor) else without_inductor():
-                row.lossy = _lossy_run(model, args, kwargs, eager, row.token_grid, fxdit)
-                if row.lossy.get("grat_rewritten", 0) > 0:
-                    layout = oracle_layout(name)
-                    if layout is None:
-                        row.oracle = {"error": "no token grid in the case table"}
-                    else:
-                        tol = wrong_tolerance(row.scale, lossy_inductor and inductor)
-                        row.oracle = _oracle_run(model, args, kwargs, layout, tol, fxdit)
+                lo = row.lossy = _lossy_run(model, args, kwargs, eager, row.token_grid, fxdit)
+                if lo.get("grat_rewritten", 0) > 0 or lo.get("fxdit_error"):
+                    tol = wrong_tolerance(row.scale, lossy_inductor and inductor)
+                    o = _oracle_run(model, args, kwargs, oracle_layout(name), tol, fxdit)
+                    if lo.get("fxdit_error") and not o["error"].startswith("fxdit"):
+                        # the GRAT+ICC run raised: what GRAT alone does stands in the GRAT column
+                        lo["grat_rewritten"], lo["grat_skipped"] = o["rewritten"], o["skipped"]
+                        lo["grat_alone"] = True
+                    if o["rewritten"] > 0 or lo.get("grat_rewritten", 0) > 0 or o["error"].startswith("fxdit"):
+                        row.oracle = o
             if row.lossy.get("fxdit_error") and row.status == "ok":
                 row.status, row.reason = "fxdit error", f"GRAT+ICC: {row.lossy['error']}"
             if row.oracle and not row.oracle.get("ok") and row.status == "ok":
@@ -690,20 +701,23 @@ def _oracle_run(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], lay
     oracle's rule selects use dense SDPA with the grouped mask of ``layout`` (``tests/grat_oracle.py``).
 
     Returns ``masked`` (calls the oracle masked), ``sparse`` (of them, calls whose mask drops something),
-    ``rewritten`` (sites fxdit rewrote), ``err`` (max |fxdit − oracle|), ``tolerance`` and ``ok`` (same number of
-    sites and ``err <= tolerance``), or ``error`` when a run raised.
+    ``rewritten`` / ``skipped`` (sites fxdit rewrote / left dense by reason), ``err`` (max |fxdit − oracle|),
+    ``tolerance`` and ``ok`` (same number of sites and ``err <= tolerance``), or ``error`` when a run raised or
+    ``layout`` is ``None`` (then only fxdit runs).
     """
     oracle = grat_oracle()
     options = {"on_pass_error": "raise", "attention": dict(GRAT_OPTIONS)}
-    info: dict[str, Any] = {"masked": 0, "sparse": 0, "rewritten": 0, "err": None, "tolerance": tolerance,
-                            "ok": False, "error": ""}
-    try:
-        with torch.no_grad(), oracle.grouped_sdpa(model, options, layout=layout) as counts:
-            expected = output_tensor(model(*args, **kwargs))
-    except Exception as exc:  # noqa: BLE001 - recorded
-        info["error"] = f"oracle: {type(exc).__name__}: {_short(exc)}"
-        return info
-    info["masked"], info["sparse"] = counts["masked"], counts["sparse"]
+    info: dict[str, Any] = {"masked": 0, "sparse": 0, "rewritten": 0, "skipped": {}, "err": None,
+                            "tolerance": tolerance, "ok": False, "error": ""}
+    expected = None
+    if layout is not None:
+        try:
+            with torch.no_grad(), oracle.grouped_sdpa(model, options, layout=layout) as counts:
+                expected = output_tensor(model(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - recorded
+            info["error"] = f"oracle: {type(exc).__name__}: {_short(exc)}"
+            return info
+        info["masked"], info["sparse"] = counts["masked"], counts["sparse"]
     _fresh()
     try:
         compiled = torch.compile(model, backend="fxdit", options=options)
@@ -715,10 +729,15 @@ def _oracle_run(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], lay
         return info
     for rec in _records(compiled):
         g = _report(rec, "rewrite_grouped_attention")
-        info["rewritten"] += g.rewritten if g is not None else 0
+        if g is not None:
+            info["rewritten"] += g.rewritten
+            _merge(info["skipped"], g.skipped)
+    _fresh()
+    if expected is None:
+        info["error"] = "no token grid in the case table"
+        return info
     info["err"] = float((out - expected).abs().max()) if out.shape == expected.shape else math.inf
     info["ok"] = info["masked"] == info["rewritten"] and info["err"] <= tolerance
-    _fresh()
     return info
 
 
@@ -900,7 +919,7 @@ def format_table(rows: list[Row], header: str) -> str:
         notes = _fmt_counts(left)
         if lo.get("factors", "").startswith(("none", "calibration")):
             notes = "; ".join(x for x in (notes, f"ICC factors: {lo['factors']}") if x)
-        if lo.get("error"):
+        if lo.get("error") and lo["error"] not in r.reason:
             notes = "; ".join(x for x in (notes, f"GRAT+ICC run: {lo['error']}") if x)
         if r.graphs and not r.sites:
             notes = "; ".join(x for x in ("GRAT: no attention site found", notes) if x)
@@ -930,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/coverage.md")
     ap.add_argument("--json", default="benchmarks/coverage.json")
     ap.add_argument("--resume", action="store_true", help="keep rows already in --json")
+    ap.add_argument("--rerun", default="", help="with --resume: run these classes (comma-separated) again")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("fxdit", "torch", "diffusers"):
@@ -951,8 +971,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.out, "w") as f:
             f.write(_document(rows, subset_rows, a))
 
+    rerun = {n for n in a.rerun.split(",") if n}
     for name in names:
-        if name in done:
+        if name in done and name not in rerun:
             d = done[name]
             rows.append(Row(**{**d, "grid": tuple(d["grid"]) if d["grid"] else None,
                                "token_grid": tuple(d["token_grid"]) if d["token_grid"] else None}))
@@ -974,6 +995,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _dense_reasons(r: Row) -> dict[str, int]:
+    """Why GRAT left the sites of a built row dense, as fxdit reports it (or why no site was found)."""
+    if r.graphs and not r.sites:
+        return {"no attention site found": 1}
+    return dict(r.lossy.get("grat_skipped") or {})
+
+
+def _sections(rows: list[Row]) -> str:
+    """Generated lists under the table: defects, and the built classes GRAT leaves dense with fxdit's reasons."""
+    text = ""
+    defects = [r for r in rows if r.status in ("fxdit error", "wrong result", "oracle mismatch")]
+    text += "\n## fxdit defects\n\n"
+    text += "".join(f"- **{r.cls}** ({r.status}): {_cell(r.reason)}\n" for r in defects) or "None.\n"
+    dense = [r for r in rows if r.status != "not built" and r.lossy and not r.lossy.get("grat_rewritten")]
+    text += (f"\n## Built classes where GRAT rewrote no site ({len(dense)})\n\n"
+             "The reasons are fxdit's (`rewrite_grouped_attention` skip reasons); the case grid is the token grid "
+             "the case table states for the inputs.\n\n")
+    for r in dense:
+        case = cases.CASES.get(r.cls)
+        grid = "×".join(map(str, case.grid)) if case is not None and case.grid is not None else "none"
+        why = _fmt_counts(_dense_reasons(r)) or (r.lossy.get("error") or "no reason reported")
+        text += f"- {r.cls} (case grid {grid}): {_cell(why)}\n"
+    return text
+
+
 def _document(rows: list[Row], subset_rows: list[Row], a: argparse.Namespace) -> str:
     """The markdown of the sweep so far (header, table, inductor subset)."""
     import diffusers
@@ -989,12 +1035,15 @@ def _document(rows: list[Row], subset_rows: list[Row], a: argparse.Namespace) ->
     header = (f"Generated by `python tools/coverage.py{' --no-inductor' if a.no_inductor else ''}"
               f"{' --lossy-inductor' if a.lossy_inductor else ''}"
               f"{' --inductor-subset ...' if subset_rows else ''}` on diffusers {diffusers.__version__}, torch "
-              f"{torch.__version__}, CPU ({os.cpu_count()} cores, shared), float32, batch {BATCH}, "
-              f"{TEXT_TOKENS} text tokens ({TEXT_PAD} padded), latent {SAMPLE}×{SAMPLE} ({FRAMES} frames for video); "
-              f"tiny configs: {HEADS} heads × {HEAD_DIM} (hidden {HIDDEN}), 2 layers per kind (1 for the other "
-              f"layer counts). The sweep ran {mode} in {total / 60:.1f} min (sum of the per-class times). A lossless "
-              f"error above {wrong_tolerance(1.0, not a.no_inductor):g}·max(1, |y|) counts as a wrong result.")
-    text = format_table(rows, header)
+              f"{torch.__version__}, CPU ({os.cpu_count()} cores, shared), "
+              "float32. Classes with a case in `tools/coverage_cases.py` (`in` = `case`) use the small config and "
+              "dummy inputs of their diffusers model test (tests/models/transformers/test_models_transformer_*.py), "
+              "at an 8×8 token grid where the test's is smaller; the others use the generic derivation: batch "
+              f"{BATCH}, {TEXT_TOKENS} text tokens ({TEXT_PAD} padded), latent {SAMPLE}×{SAMPLE} ({FRAMES} frames "
+              f"for video), {HEADS} heads × {HEAD_DIM} (hidden {HIDDEN}), 2 layers per kind (1 for the other layer "
+              f"counts). The sweep ran {mode} in {total / 60:.1f} min (sum of the per-class times). A lossless error "
+              f"above {wrong_tolerance(1.0, not a.no_inductor):g}·max(1, |y|) counts as a wrong result.")
+    text = format_table(rows, header) + _sections(rows)
     if subset_rows:
         text += ("\n## Inductor subset\n\nThe same lossless check with inductor compiling the rewritten graphs "
                  f"(tolerance {wrong_tolerance(1.0, True):g}·max(1, |y|); seconds include the C++ compile on the "
