@@ -173,3 +173,17 @@ def finish(gm: fx.GraphModule, modified: bool) -> None:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+
+
+def set_value(node: fx.Node, value: Any) -> None:
+    """Give ``node`` its FakeTensor value (``meta["val"]`` and ``meta["example_value"]``)."""
+    node.meta["val"] = value
+    node.meta["example_value"] = value
+
+
+def insert_after(graph: fx.Graph, node: fx.Node) -> Any:
+    """A context inserting right after ``node`` (after the last placeholder when ``node`` is one)."""
+    if node.op == "placeholder":
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        return graph.inserting_before(first)
+    return graph.inserting_after(node)

@@ -8,7 +8,7 @@ of every rank is rewritten to hold only its band of image tokens between the pat
   rows (``W`` tokens) in raster order when no grouped attention was hoisted. Uneven splits give the first ranks one
   row more. Text/conditioning tokens are never sharded (replicated).
 * **Token-wise ops** run on the local band. The token dimension is followed through the graph with the same
-  data tables as GRAT's permutation hoisting (:class:`~fxdit.passes.rewrite_grouped_attention._TokenFlow`); shape
+  data tables as GRAT's permutation hoisting (:class:`~fxdit.passes._token_flow.TokenFlow`); shape
   constants that mention the token count (``reshape``/``view``/``expand`` sizes, slice bounds and split sizes on the
   token dimension) are rewritten to the local count; tensors that vary over the tokens without coming from the
   stream (positional tables, permuted RoPE tables) are cut to the band where they meet it.
@@ -47,19 +47,20 @@ from fxdit.kernels import grat_layout as gl
 from fxdit.kernels import halo, torch_private
 from fxdit.kernels import ops as _ops  # noqa: F401 - registers torch.ops.fxdit.grouped_attention
 from fxdit.passes._base import PassReport, ReportBuilder
+from fxdit.passes._fake import FakeValues
 from fxdit.passes._fx_utils import fake_value, finish, fxdit_meta, lift_constant, nodes_by_name, shape_of
 from fxdit.passes._records import AttentionSite, TokenGrid
-from fxdit.passes.rewrite_grouped_attention import (
-    _EXPAND,
-    _METADATA,
-    _RESHAPE,
-    _SPLIT,
-    _arg,
-    _key,
-    _norm_dim,
-    _NotTokenWise,
-    _slice_ints,
-    _TokenFlow,
+from fxdit.passes._token_flow import (
+    EXPAND,
+    METADATA,
+    RESHAPE,
+    SPLIT,
+    NotTokenWise,
+    TokenFlow,
+    norm_dim,
+    op_arg,
+    op_key,
+    slice_ints,
 )
 
 from fxdit.config import FxditConfig
@@ -88,22 +89,22 @@ def _grouped_op() -> Any:
     return torch.ops.fxdit.grouped_attention.default
 
 
-class _ShardFlow(_TokenFlow):
+class _ShardFlow(TokenFlow):
     """The GRAT token flow, extended to the nodes GRAT's rewrite added (contiguous copies and the grouped op)."""
 
     def _rule(self, node: fx.Node) -> Any:
-        key = _key(node)
+        key = op_key(node)
         if key is torch.clone:
             t = self._t(node.args[0])
             if not isinstance(t, tuple):
-                raise _NotTokenWise("clone of a non-stream value")
+                raise NotTokenWise("clone of a non-stream value")
             return t
         if key is _grouped_op():
             tq, tk, tv = (self._t(a) for a in node.args[:3])
             if tq is None or not (tq == tk == tv) or tq[0] != 2:
-                raise _NotTokenWise("grouped attention with q/k/v out of the stream")
+                raise NotTokenWise("grouped attention with q/k/v out of the stream")
             return tq
-        if key in _METADATA and any(self._t(a) is not None for a in node.all_input_nodes):
+        if key in METADATA and any(self._t(a) is not None for a in node.all_input_nodes):
             self.flow.failure = f"{node.name} reads the size of the token stream"
             return None
         return super()._rule(node)
@@ -179,7 +180,7 @@ def shard_tokens(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
         rb.skip(R_ONE_RANK)
         return rb.build()
     group_name = pg.group_name
-    _refresh_meta(gm)  # nodes added by earlier rewrites may lack FakeTensor values
+    FakeValues.refresh(gm)  # nodes added by earlier rewrites may lack FakeTensor values
 
     nodes = nodes_by_name(gm)
     grid_rec: TokenGrid | None = state.get("token_grid")
@@ -262,7 +263,7 @@ def shard_tokens(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
     graph = gm.graph
     try:
         _rewrite_shapes(flow, delta, n)
-    except _NotTokenWise as exc:
+    except NotTokenWise as exc:
         rb.skip(f"{R_SHAPES}: {exc}")
         return rb.build()
 
@@ -320,7 +321,7 @@ def shard_tokens(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
             exits.append(f"{a.name} -> {user.name}: {why}")
 
     finish(gm, True)
-    _refresh_meta(gm)
+    FakeValues.refresh(gm)
     state["sharded"] = True
     rb.details.update({
         "rank": rank, "world": world, "mode": par.mode, "rows": (rows, row_tokens),
@@ -338,14 +339,14 @@ def shard_tokens(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
 
 
 def _rewrite_shapes(flow: Any, delta: int, n: int) -> None:
-    """Rewrite the token count in shape arguments of the stream's nodes (raises ``_NotTokenWise`` when it cannot)."""
+    """Rewrite the token count in shape arguments of the stream's nodes (raises ``NotTokenWise`` when it cannot)."""
     for node, tok in list(flow.tok.items()):
         if node is flow.entry or node.op not in ("call_function", "call_method"):
             continue
-        key = _key(node)
+        key = op_key(node)
         x = node.args[0] if node.args else None
         tx = flow.tok.get(x) if isinstance(x, fx.Node) else None
-        if key in _RESHAPE or key in _EXPAND:
+        if key in RESHAPE or key in EXPAND:
             if key not in ("view", "reshape", torch.reshape, "expand"):
                 continue  # flatten/unflatten/squeeze/unsqueeze: no token-sized argument (the flow checked)
             out_shape = shape_of(node)
@@ -353,18 +354,18 @@ def _rewrite_shapes(flow: Any, delta: int, n: int) -> None:
             sizes_tuple = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
             sizes = list(node.args[1] if sizes_tuple else node.args[1:])
             if "shape" in node.kwargs or "size" in node.kwargs:
-                raise _NotTokenWise(f"{node.name}: keyword shape")
+                raise NotTokenWise(f"{node.name}: keyword shape")
             if len(sizes) != len(out_shape):
-                raise _NotTokenWise(f"{node.name}: shape arguments do not match the output rank")
+                raise NotTokenWise(f"{node.name}: shape arguments do not match the output rank")
             if sizes[j] == -1:
                 continue
             if not isinstance(sizes[j], int) or sizes[j] != out_shape[j]:
-                raise _NotTokenWise(f"{node.name}: token size {sizes[j]!r} is not a constant")
+                raise NotTokenWise(f"{node.name}: token size {sizes[j]!r} is not a constant")
             sizes[j] = out_shape[j] - delta
             node.args = (x, tuple(sizes)) if sizes_tuple else (x, *sizes)
         elif key == operator.getitem and isinstance(tx, tuple):
             node.args = (x, _rewrite_index(node.args[1], shape_of(x), tx, delta, n))
-        elif key in _SPLIT and isinstance(tx, tuple):
+        elif key in SPLIT and isinstance(tx, tuple):
             _rewrite_split(node, key, tx, delta, n)
 
 
@@ -373,7 +374,7 @@ def _map_pos(p: int, off: int, n: int, delta: int) -> int:
         return p
     if p >= off + n:
         return p - delta
-    raise _NotTokenWise("slice bound inside the image tokens")
+    raise NotTokenWise("slice bound inside the image tokens")
 
 
 def _rewrite_index(idx: Any, in_shape: tuple[int, ...], tx: tuple[int, int], delta: int, n: int) -> Any:
@@ -393,7 +394,7 @@ def _rewrite_index(idx: Any, in_shape: tuple[int, ...], tx: tuple[int, int], del
             if it == slice(None):
                 out.append(it)
             else:
-                start, stop, _ = _slice_ints(it, in_shape[in_dim])
+                start, stop, _ = slice_ints(it, in_shape[in_dim])
                 off = tx[1]
                 out.append(slice(_map_pos(start, off, n, delta), _map_pos(stop, off, n, delta), it.step))
         else:
@@ -404,10 +405,10 @@ def _rewrite_index(idx: Any, in_shape: tuple[int, ...], tx: tuple[int, int], del
 
 def _rewrite_split(node: fx.Node, key: Any, tx: tuple[int, int], delta: int, n: int) -> None:
     in_shape = shape_of(node.args[0])
-    dim = _norm_dim(int(_arg(node, 2, "dim", 0)), len(in_shape))
+    dim = norm_dim(int(op_arg(node, 2, "dim", 0)), len(in_shape))
     if dim != tx[0]:
         return
-    sizes = _arg(node, 1, "split_size_or_sections" if key is torch.split else "split_size")
+    sizes = op_arg(node, 1, "split_size_or_sections" if key is torch.split else "split_size")
     if key in ("split", torch.split, "split_with_sizes") and isinstance(sizes, (list, tuple)):
         new, start = [], 0
         for s in sizes:
@@ -418,7 +419,7 @@ def _rewrite_split(node: fx.Node, key: Any, tx: tuple[int, int], delta: int, n: 
             start += s
         node.args = (node.args[0], type(sizes)(new), *node.args[2:])
         return
-    raise _NotTokenWise(f"{node.name}: {key} of the token dimension by count")
+    raise NotTokenWise(f"{node.name}: {key} of the token dimension by count")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -477,42 +478,3 @@ def _ulysses_site(gm: fx.GraphModule, node: fx.Node, site: AttentionSite | None,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _refresh_meta(gm: fx.GraphModule) -> None:
-    """Recompute ``meta["val"]``/``["example_value"]`` of every computed node under one fresh fake mode.
-
-    Shapes change under sharding, and graph copies may hold FakeTensors of several fake modes; placeholders are
-    re-created as fakes of their recorded shape, stride and dtype (their own meta is left alone).
-    """
-    mode = torch_private.fake_tensor_types()[1](allow_non_fake_inputs=True)
-    env: dict[fx.Node, Any] = {}
-
-    def fresh(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            with mode:
-                return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
-        return v
-
-    def conv(a: Any) -> Any:
-        if isinstance(a, fx.Node):
-            if a not in env:
-                env[a] = fx.node.map_aggregate(fake_value(a), fresh)
-            return env[a]
-        return a
-
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
-            continue
-        args = fx.node.map_aggregate(node.args, conv)
-        kwargs = fx.node.map_aggregate(node.kwargs, conv)
-        try:
-            with mode:
-                if node.op == "call_function":
-                    val = node.target(*args, **kwargs)
-                else:
-                    val = getattr(args[0], node.target)(*args[1:], **kwargs)
-        except Exception as exc:  # noqa: BLE001 - keep the old value; inductor re-traces anyway
-            log.debug("%s: no fake value for %s: %s", _NAME, node.name, exc)
-            continue
-        env[node] = val
-        node.meta["val"] = val
-        node.meta["example_value"] = val

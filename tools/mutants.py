@@ -344,7 +344,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "grat-inverse-dropped",
         "hoisted GRAT: the inverse permutation is never applied where the token stream leaves (output stays in "
         "group order)",
-        "passes/rewrite_grouped_attention.py",
+        "passes/_grat_hoist.py",
         "        for user, _ in users:\n            user.replace_input_with(a, u)\n",
         "        for user, _ in users:\n            pass\n",
         _GRAT_PASS,

@@ -15,6 +15,7 @@ import operator
 import pytest
 import torch
 from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, lifted_constants
+from fxdit.passes._token_flow import reshape_map
 from fxdit.passes.pipeline import find_attention, find_blocks
 from fxdit.passes.rewrite_grouped_attention import (
     PER_SITE_PERMUTES,
@@ -31,7 +32,6 @@ from fxdit.passes.rewrite_grouped_attention import (
     R_SPAN,
     R_TEXT_ONLY,
     R_TILE,
-    _reshape_map,
     _why_not,
     rewrite_grouped_attention,
 )
@@ -306,7 +306,7 @@ def test_bool_mask_that_is_not_key_padding_stays_dense():
     ((2, 4, 256, 16), 2, (2, 4, 256, 16, 1), 2),
 ])
 def test_reshape_token_map(in_shape, d, out_shape, expected):
-    assert _reshape_map(in_shape, d, out_shape) == expected
+    assert reshape_map(in_shape, d, out_shape) == expected
 
 
 def test_token_mixing_op_blocks_hoisting():
