@@ -45,11 +45,14 @@ class ModelLayout:
         image_start: index of the first image token in every attention sequence, for models that put other
             tokens (history latents, registers) before the image tokens as well as text after them; ``None``:
             the image tokens start the sequence, or end it when ``text_first``.
+        joint_kv: the model also attends image-only queries over joint keys (the image tokens and the text, on the
+            side ``text_first`` says): such calls get the grouped pattern too, image keys by group, text keys all.
     """
 
     grid: tuple[int, ...]
     text_first: bool = False
     image_start: int | None = None
+    joint_kv: bool = False
 
     @property
     def num_image_tokens(self) -> int:
@@ -117,9 +120,15 @@ def image_mask(grid: Sequence[int], group: Sequence[int], mode: str, radius: int
 
 
 def sequence_mask(layout: ModelLayout, grid: Sequence[int], group: Sequence[int], mode: str, radius: int,
-                  seq_len: int) -> torch.Tensor:
-    """bool ``[S, S]``: the grouped pattern over a joint sequence of ``S`` tokens (text where ``layout`` says)."""
+                  seq_len: int, kv_len: int | None = None) -> torch.Tensor:
+    """bool ``[S, S]``: the grouped pattern over a joint sequence of ``S`` tokens (text where ``layout`` says);
+    ``[N, S_kv]`` for the ``N`` image queries over joint keys of ``S_kv`` tokens (``layout.joint_kv``)."""
     n = math.prod(grid)
+    if kv_len is not None and kv_len != seq_len:
+        start = kv_len - n if layout.text_first else 0
+        mask = torch.ones(seq_len, kv_len, dtype=torch.bool)  # text keys: every image query
+        mask[:, start:start + n] = image_mask(grid, group, mode, radius)
+        return mask
     start = layout.image_start if layout.image_start is not None else (seq_len - n if layout.text_first else 0)
     mask = torch.ones(seq_len, seq_len, dtype=torch.bool)  # text rows and text columns: everything
     mask[start:start + n, start:start + n] = image_mask(grid, group, mode, radius)
@@ -162,11 +171,12 @@ class Call:
 def why_dense(call: Call, layout: ModelLayout, cfg: Any) -> str | None:
     """``None`` when GRAT applies to ``call``, else a short reason. The rule the tests state:
 
-    GRAT rewrites the self-attention calls (keys from the query sequence, joint text+image included) of the
-    transformer blocks selected by ``attention.layers`` (all blocks when ``None``) whose sequence holds the ``N``
-    image tokens with ``N >= attention.min_tokens``, when the token grid (``attention.grid``, else the model's)
-    has ``N`` tokens and the group tiles it, for calls without causal masking or dropout and with no mask or a
-    boolean key-padding mask (``[B, 1, 1, S]``). Cross-attention, text-only attention, additive masks stay dense.
+    GRAT rewrites the self-attention calls (keys from the query sequence, joint text+image included; with
+    ``layout.joint_kv`` also the image-only queries over joint image+text keys) of the transformer blocks selected
+    by ``attention.layers`` (all blocks when ``None``) whose sequence holds the ``N`` image tokens with
+    ``N >= attention.min_tokens``, when the token grid (``attention.grid``, else the model's) has ``N`` tokens and
+    the group tiles it, for calls without causal masking or dropout and with no mask or a boolean key-padding mask
+    (``[B, 1, 1, S]``). Cross-attention, text-only attention, additive masks stay dense.
     """
     att = _options(cfg)
     grid = tuple(att.grid) if att.grid is not None else layout.grid
@@ -175,7 +185,8 @@ def why_dense(call: Call, layout: ModelLayout, cfg: Any) -> str | None:
         return "dense mode"
     if att.layers is not None and (call.block is None or call.block not in att.layers):
         return "layer not selected"
-    if call.cross or call.q_len != call.kv_len:
+    joint_kv = layout.joint_kv and call.q_len == n and call.kv_len > n
+    if call.cross or (call.q_len != call.kv_len and not joint_kv):
         return "cross-attention"
     if call.q_len < n + (layout.image_start or 0):
         return "no image tokens"
@@ -312,7 +323,7 @@ def grouped_sdpa(model: torch.nn.Module, cfg: Any, *, layout: ModelLayout | None
             grid = tuple(att.grid) if att.grid is not None else lay.grid
             group = _group(grid, None if att.group is None else tuple(att.group))
             q = bound["query"]
-            mask = sequence_mask(lay, grid, group, att.mode, att.radius, call.q_len).to(q.device)
+            mask = sequence_mask(lay, grid, group, att.mode, att.radius, call.q_len, call.kv_len).to(q.device)
             counts["sparse"] += int(not bool(mask.all()))
             if bound.get("attn_mask") is not None:
                 mask = mask & bound["attn_mask"]

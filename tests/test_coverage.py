@@ -169,6 +169,12 @@ def test_oracle_layout_comes_from_the_case_table():
     # the image span sits where the layout says: text rows and columns stay dense
     mask = oracle.sequence_mask(framepack, (8, 8), (2, 2), "grat-b", 0, 84 + 64 + 5)
     assert mask[:84].all() and mask[:, :84].all() and mask[148:].all() and not mask[84:148, 84:148].all()
+    # image queries over joint [text, image] keys (PRX): the text keys stay visible to every image query
+    prx = coverage.oracle_layout("PRXTransformer2DModel")
+    assert prx.joint_kv and prx.text_first
+    mask = oracle.sequence_mask(prx, (8, 8), (2, 2), "grat-b", 0, 64, kv_len=8 + 64)
+    assert mask.shape == (64, 72) and mask[:, :8].all() and torch.equal(mask[:, 8:], oracle.image_mask(
+        (8, 8), (2, 2), "grat-b", 0))
 
 
 @pytest.mark.parametrize("name", ["CogVideoXTransformer3DModel", "ZImageTransformer2DModel"])

@@ -692,7 +692,7 @@ def oracle_layout(name: str) -> Any:
         return None
     t, h, w = case.grid
     return grat_oracle().ModelLayout((h, w) if t == 1 else (t, h, w), text_first=case.text == "before",
-                                     image_start=case.image_start)
+                                     image_start=case.image_start, joint_kv=case.joint_kv)
 
 
 def _oracle_run(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], layout: Any, tolerance: float,

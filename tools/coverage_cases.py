@@ -43,6 +43,8 @@ class Case:
         latent: the ``forward`` argument holding the noisy latent (moved a little for the cached ICC step).
         image_start: index of the first image token in the attention sequences when the model puts other tokens
             before the image tokens besides the text of ``text`` (``None``: none).
+        joint_kv: the model attends the image queries over joint keys (image and text, on the side ``text`` says)
+            rather than over a joint sequence.
         source: the diffusers test the configuration and inputs follow.
     """
 
@@ -52,6 +54,7 @@ class Case:
     text: str = "none"
     latent: str = "hidden_states"
     image_start: int | None = None
+    joint_kv: bool = False
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -370,7 +373,7 @@ VID = (2, 8, 8)
 
 CASES: dict[str, Case] = {
     # -- classes the generic path builds; the case states the layout of the generic inputs --------------------
-    "AllegroTransformer3DModel": Case(grid=IMG),  # 2 latent frames, temporal patch 2 (the generic video input)
+    "AllegroTransformer3DModel": Case(grid=VID),  # 2 latent frames, patch (1, 2, 2)
     "AuraFlowTransformer2DModel": Case(grid=IMG, text="before"),  # [register + text, image]
     "BriaTransformer2DModel": Case(grid=IMG, text="before"),
     "ChromaTransformer2DModel": Case(grid=IMG, text="before"),
@@ -386,9 +389,9 @@ CASES: dict[str, Case] = {
     "JoyImageEditTransformer3DModel": Case(grid=VID, text="after"),
     "LongCatImageTransformer2DModel": Case(grid=IMG, text="before"),
     "Lumina2Transformer2DModel": Case(grid=IMG, text="before"),
-    "MochiTransformer3DModel": Case(grid=IMG, text="after"),  # 2 latent frames, temporal patch 2
+    "MochiTransformer3DModel": Case(grid=VID, text="after"),  # 2 latent frames, patched per frame
     "MotifVideoTransformer3DModel": Case(grid=VID, text="after"),
-    "NucleusMoEImageTransformer2DModel": Case(grid=IMG, text="before"),
+    "NucleusMoEImageTransformer2DModel": Case(grid=IMG, text="after", joint_kv=True),  # [image, text] keys
     "OvisImageTransformer2DModel": Case(grid=IMG, text="before"),
     "PixArtTransformer2DModel": Case(grid=IMG),
     "QwenImageTransformer2DModel": Case(grid=IMG, text="before"),
@@ -564,7 +567,9 @@ CASES: dict[str, Case] = {
     "PRXTransformer2DModel": Case(
         init={"in_channels": 16, "patch_size": 2, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 3.5,
               "num_heads": 2, "depth": 2, "axes_dim": [16, 16], "theta": 10_000},
-        inputs=_prx, grid=IMG, text="before", source=_T.format("prx") + " (hidden 1792 there, 64 here)"),
+        inputs=_prx, grid=IMG, text="before", joint_kv=True,
+        source=_T.format("prx") + " (hidden 1792 there, 64 here)",
+        notes=("image queries over [text, image] keys",)),
     "QwenImage21Transformer2DModel": Case(
         init={"patch_size": 1, "in_channels": 4, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
               "num_attention_heads": 2, "context_in_dim": 8, "mlp_ratio": 2, "axes_dims_rope": (4, 6, 6)},
