@@ -27,7 +27,7 @@ __all__ = ["main", "build_parser"]
 log = logging.getLogger(__name__)
 
 #: Subcommand names, each implemented by ``fxdit.commands.<name>`` (``-`` in a name maps to ``_``).
-_COMMANDS: tuple[str, ...] = ("dump", "calibrate", "demo", "eval")
+_COMMANDS: tuple[str, ...] = ("dump", "calibrate", "demo", "eval", "tune")
 
 
 def _load(name: str) -> ModuleType | None:
