@@ -28,14 +28,13 @@ from fxdit.errors import FxditError
 from fxdit.kernels import torch_private
 from fxdit.passes._base import PassReport
 from fxdit.passes._fx_utils import fresh_copy, lifted_constants
-from fxdit.passes.pipeline import PIPELINE
+from fxdit.passes.pipeline import ANALYSIS_PASSES, PIPELINE, run_passes
 
 __all__ = ["fxdit_backend", "make_backend", "compile_graph", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
 #: Passes that only analyse; they also run when lossy rewrites are disabled (training, gradients).
-ANALYSIS_PASSES = ("find_attention", "find_blocks")
 
 _warned: set[str] = set()
 
@@ -147,51 +146,8 @@ def _passes_under_grad(cfg: FxditConfig) -> tuple[tuple[Callable[..., PassReport
 
 def run_pipeline(gm: fx.GraphModule, cfg: FxditConfig, *, passes: Sequence[Callable[..., PassReport]] = PIPELINE,
                  dump: Any | None = None) -> tuple[fx.GraphModule, list[PassReport]]:
-    """Run ``passes`` in order on ``gm`` (which it may mutate) and return the resulting module and reports.
-
-    With ``on_pass_error="fallback"`` each pass runs on a copy; when it raises, the copy is dropped, one
-    warning names the pass, and the graph as it was before that pass goes on. With ``"raise"`` the error
-    propagates as a ``RuntimeError`` naming the pass and those that ran before it (``FxditError`` about user
-    input propagates unchanged).
-    """
-    reports: list[PassReport] = []
-    ran: list[str] = []
-    work = gm
-    for p in passes:
-        name = p.__name__
-        if dump is not None:
-            dump.before(name, work)
-        if cfg.on_pass_error == "fallback":
-            trial = fresh_copy(work)
-            try:
-                report = p(trial, cfg)
-            except FxditError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the documented fallback policy
-                message = (f"fxdit: pass {name!r} failed ({type(exc).__name__}: {exc}); this graph continues "
-                           f"without it (passes before it: {ran or 'none'})")
-                warnings.warn(message, stacklevel=2)
-                log.warning("%s", message, exc_info=log.isEnabledFor(logging.DEBUG))
-                report = PassReport(name, skipped={f"pass failed: {type(exc).__name__}": 1},
-                                    details={"error": f"{type(exc).__name__}: {exc}"})
-                trial = work
-            work = trial
-        else:
-            try:
-                report = p(work, cfg)
-            except FxditError:
-                raise
-            except Exception as exc:
-                raise RuntimeError(
-                    f"fxdit: error in pass {name!r} (after passes {ran or 'none'}): {type(exc).__name__}: {exc}"
-                ) from exc
-        reports.append(report)
-        ran.append(name)
-        torch_private.counters()["fxdit"][name] += report.rewritten
-        torch_private.counters()["fxdit"][f"{name}.matched"] += report.matched
-        if dump is not None:
-            dump.after(name, work, report)
-    return work, reports
+    """Run ``passes`` on ``gm`` under the fallback policy (:func:`fxdit.passes.pipeline.run_passes`)."""
+    return run_passes(gm, cfg, passes=passes, dump=dump)
 
 
 def _decompositions(gm: fx.GraphModule) -> dict[Any, Callable[..., Any]] | None:

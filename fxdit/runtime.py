@@ -51,6 +51,7 @@ import torch.fx as fx
 
 from fxdit.config import FxditConfig, ScheduleConfig
 from fxdit.errors import FxditError
+from fxdit.passes._base import PassFailed
 
 __all__ = ["CacheRuntime", "RuntimeStats", "reset", "sampling", "build_cached_runtime", "runtimes_for"]
 
@@ -297,26 +298,10 @@ def sampling(model: Any, *, calls_per_step: int | None = None) -> Iterator[None]
 
 
 # -- building -------------------------------------------------------------------------------------------------
-class VariantPassError(RuntimeError):
-    """An internal error in one of the passes that build ICC's two graph variants (``pass_name`` says which).
-
-    The backend treats it like a failing pipeline pass: with ``on_pass_error="fallback"`` the graph is compiled
-    without caching (one warning); with ``"raise"`` it surfaces.
-    """
-
-    def __init__(self, pass_name: str, exc: BaseException) -> None:
-        super().__init__(f"fxdit: error in pass {pass_name!r}: {type(exc).__name__}: {exc}")
-        self.pass_name = pass_name
-        self.error = exc
-
-
-def _variant_pass(p: Callable[..., Any], gm: fx.GraphModule, cfg: FxditConfig) -> Any:
-    try:
-        return p(gm, cfg)
-    except FxditError:
-        raise
-    except Exception as exc:
-        raise VariantPassError(p.__name__, exc) from exc
+#: An internal error in one of the passes that build ICC's two graph variants (``pass_name`` says which). The
+#: backend treats it like a failing pipeline pass: with ``on_pass_error="fallback"`` the graph is compiled without
+#: caching (one warning); with ``"raise"`` it surfaces.
+VariantPassError = PassFailed
 
 
 def build_cached_runtime(work: fx.GraphModule, example_inputs: Sequence[Any], cfg: FxditConfig, *,
@@ -337,10 +322,9 @@ def build_cached_runtime(work: fx.GraphModule, example_inputs: Sequence[Any], cf
     Raises:
         FxditError: when the factors' fingerprint does not match the weights.
     """
-    from fxdit.passes._fx_utils import fresh_copy, fxdit_meta
-    from fxdit.passes.insert_lowrank_increments import insert_lowrank_increments
+    from fxdit.passes._fx_utils import fxdit_meta
+    from fxdit.passes.pipeline import run_variant
     from fxdit.passes.plan_cache import cache_slots, verify_factors
-    from fxdit.passes.record_linear_caches import record_linear_caches
 
     state = fxdit_meta(work)
     plan = state["cache_plan"]
@@ -350,10 +334,8 @@ def build_cached_runtime(work: fx.GraphModule, example_inputs: Sequence[Any], cf
         verify_factors(factors, weights)
         plan["verified"] = True
 
-    full_gm = fresh_copy(work)
-    full_report = _variant_pass(record_linear_caches, full_gm, cfg)
-    cached_gm = fresh_copy(work)
-    cached_report = _variant_pass(insert_lowrank_increments, cached_gm, cfg)
+    full_gm, full_report = run_variant("icc_full", work, cfg)
+    cached_gm, cached_report = run_variant("icc_cached", work, cfg)
     if dump is not None:
         dump.variant("icc_full", full_gm, full_report)
         dump.variant("icc_cached", cached_gm, cached_report)

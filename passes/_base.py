@@ -10,7 +10,7 @@ from typing import Any, Callable, Protocol
 
 import torch.fx as fx
 
-__all__ = ["PassReport", "ReportBuilder", "GraphPass"]
+__all__ = ["PassReport", "ReportBuilder", "GraphPass", "PassFailed", "declares", "undeclared"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,38 @@ class GraphPass(Protocol):
 
 
 PassFn = Callable[[fx.GraphModule, Any], PassReport]
+
+
+class PassFailed(RuntimeError):
+    """An internal error in pass ``pass_name`` (``error`` is the exception it raised)."""
+
+    def __init__(self, pass_name: str, exc: BaseException) -> None:
+        super().__init__(f"fxdit: error in pass {pass_name!r}: {type(exc).__name__}: {exc}")
+        self.pass_name = pass_name
+        self.error = exc
+
+
+def declares(*, reads: tuple[str, ...] = (), produces: tuple[str, ...] = ()) -> Callable[[PassFn], PassFn]:
+    """Declare the :class:`~fxdit.passes._records.PassState` fields a pass reads and those it produces.
+
+    The pipeline checks every run against the declaration (:func:`undeclared`): a pass that reads or writes a field
+    it does not declare fails like any other pass error.
+    """
+
+    def wrap(fn: PassFn) -> PassFn:
+        fn.reads = tuple(reads)  # type: ignore[attr-defined]
+        fn.produces = tuple(produces)  # type: ignore[attr-defined]
+        return fn
+
+    return wrap
+
+
+def undeclared(fn: Any, reads: set[str], writes: set[str]) -> str | None:
+    """What pass ``fn`` read or wrote beyond its declaration (``None`` when nothing)."""
+    declared_reads = set(getattr(fn, "reads", ())) | set(getattr(fn, "produces", ()))
+    declared_writes = set(getattr(fn, "produces", ()))
+    extra_reads, extra_writes = sorted(reads - declared_reads), sorted(writes - declared_writes)
+    if not extra_reads and not extra_writes:
+        return None
+    return (f"pass {getattr(fn, '__name__', fn)!r} used undeclared state: reads {extra_reads or 'none'}, "
+            f"writes {extra_writes or 'none'} (declare them with fxdit.passes._base.declares)")

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from fxdit.passes._records import PassState
 
 __all__ = [
     "fake_value",
@@ -52,9 +53,16 @@ def shape_of(node: Any) -> tuple[int, ...] | None:
         return None
 
 
-def fxdit_meta(gm: fx.GraphModule) -> dict[str, Any]:
-    """fxdit's per-graph state in ``gm.meta["fxdit"]`` (created on first use)."""
-    return gm.meta.setdefault(_FXDIT, {})
+def fxdit_meta(gm: fx.GraphModule) -> PassState:
+    """fxdit's typed per-graph state :class:`~fxdit.passes._records.PassState` in ``gm.meta["fxdit"]`` (created on
+    first use)."""
+    state = gm.meta.get(_FXDIT)
+    if not isinstance(state, PassState):
+        fresh = PassState()
+        for key, value in dict(state or {}).items():
+            fresh[key] = value
+        state = gm.meta[_FXDIT] = fresh
+    return state
 
 
 def node_meta(node: fx.Node) -> dict[str, Any]:
@@ -116,15 +124,8 @@ def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """
     graph = copy.deepcopy(gm.graph)
     new = fx.GraphModule(gm, graph)
-    state = gm.meta.get(_FXDIT)
-    if state is not None:
-        copied = {}
-        for key, value in state.items():
-            if key == "constants":
-                copied[key] = dict(value)  # tensors are shared, the mapping is not
-            else:
-                copied[key] = copy.deepcopy(value)
-        new.meta[_FXDIT] = copied
+    if gm.meta.get(_FXDIT) is not None:
+        new.meta[_FXDIT] = fxdit_meta(gm).copy_for()
     return new
 
 
@@ -134,7 +135,10 @@ def lift_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Nod
     Tensors cannot be graph constants in a graph handed to inductor (see ``inductor_notes.md``); the backend
     appends every lifted constant to each call instead. The same tensor lifted twice reuses one placeholder.
     """
-    consts: dict[str, torch.Tensor] = fxdit_meta(gm).setdefault("constants", {})
+    state = fxdit_meta(gm)
+    if state.get("constants") is None:
+        state["constants"] = {}
+    consts: dict[str, torch.Tensor] = state["constants"]
     for existing, t in consts.items():
         if t is tensor:
             for n in gm.graph.nodes:

@@ -13,9 +13,12 @@ attention node also carries its site in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-__all__ = ["AttentionSite", "LinearInfo", "BlockInfo", "TokenGrid", "CarriedTokens", "LINEAR_ROLES"]
+__all__ = ["AttentionSite", "LinearInfo", "BlockInfo", "TokenGrid", "CarriedTokens", "PassState", "LINEAR_ROLES"]
 
 #: Roles ``find_blocks`` gives to the linear layers of a transformer block.
 LINEAR_ROLES = ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out", "modulation", "other")
@@ -190,3 +193,100 @@ class CarriedTokens:
     dim: int
     segments: tuple[tuple[str, int], ...]
     grid: tuple[int, int, int]
+
+
+@dataclass
+class PassState(MutableMapping[str, Any]):
+    """fxdit's typed per-graph state (``gm.meta["fxdit"]``): every record a pass or the backend leaves for later.
+
+    Each field is declared here with its type and its writer; reading or writing a name that is not a field raises
+    ``KeyError`` (no string key can be mistyped silently). The mapping interface (``state["blocks"]``,
+    ``state.get(...)``, ``in``) is kept for the passes: every field reads as its value (``None`` when unset), and
+    ``in`` / iteration see the fields that are not ``None``. The
+    pipeline records the fields each pass reads and writes (:attr:`reads`, :attr:`writes`) and checks them against
+    what the pass declares (:func:`fxdit.passes._base.declares`).
+    """
+
+    #: find_attention: the attention sites, and the block module paths their ``block`` index refers to.
+    attention_sites: list[AttentionSite] | None = None
+    block_paths: list[str] | None = None
+    #: find_blocks: transformer blocks with their linears, the token grid (or why there is none), and the graph
+    #: outputs that carry tokens to the next graph.
+    blocks: list[BlockInfo] | None = None
+    token_grid: TokenGrid | None = None
+    token_grid_reason: str | None = None
+    output_tokens: dict[int, CarriedTokens] | None = None
+    #: backend, before the passes: position ids of packed inputs; layouts carried from an earlier graph.
+    position_ids: dict[str, Any] | None = None
+    carried_tokens: dict[str, CarriedTokens] | None = None
+    #: lift_constant: tensors lifted to extra graph inputs (name -> tensor), appended to every call.
+    constants: dict[str, Any] | None = None
+    #: shard_tokens: the graph runs on a band of tokens per rank.
+    sharded: bool | None = None
+    #: plan_cache: the ICC plan and the factor tensors; the variant passes' records; cache memory.
+    cache_plan: dict[str, Any] | None = None
+    cache_factors: Any = None
+    cache_recorded: dict[str, Any] | None = None
+    cache_inserted: dict[str, Any] | None = None
+    cache_bytes: int | None = None
+    #: runtime: figures the backend copies into the graph's summary.
+    summary_cache_bytes: int | None = None
+    summary_cache_linears: int | None = None
+    summary_cache_mode: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_fields", frozenset(f.name for f in fields(self)))
+        object.__setattr__(self, "reads", set())
+        object.__setattr__(self, "writes", set())
+
+    def _check(self, key: str) -> None:
+        if key not in self._fields:  # type: ignore[attr-defined]
+            raise KeyError(f"{key!r} is not a field of PassState (declare it in passes/_records.py)")
+
+    def __getitem__(self, key: str) -> Any:
+        self._check(key)
+        self.reads.add(key)  # type: ignore[attr-defined]
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._check(key)
+        self.writes.add(key)  # type: ignore[attr-defined]
+        setattr(self, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._check(key)
+        self.writes.add(key)  # type: ignore[attr-defined]
+        setattr(self, key, None)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        self._check(key)
+        self.reads.add(key)  # type: ignore[attr-defined]
+        return getattr(self, key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (f.name for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._check(key)
+        self.reads.add(key)  # type: ignore[attr-defined]
+        value = getattr(self, key)
+        return default if value is None else value
+
+    def copy_for(self) -> PassState:
+        """A copy for another graph module: records deep-copied, lifted tensors and factor tensors shared."""
+        new = PassState()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name == "constants":
+                value = dict(value)  # tensors are shared, the mapping is not
+            else:
+                value = copy.deepcopy(value)
+            setattr(new, f.name, value)
+        return new

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from fxdit.passes._base import PassReport, ReportBuilder
+from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._dataflow import Layout, Streams, block_index_map, block_paths, kind, shape_of, token_streams
 from fxdit.passes._fx_utils import fake_value, fxdit_meta, node_meta
 from fxdit.passes._records import AttentionSite
@@ -433,6 +433,8 @@ def collect_sites(gm: fx.GraphModule, cfg: Any, rb: ReportBuilder | None = None)
     return sites, streams
 
 
+@declares(reads=("position_ids", "carried_tokens"),
+          produces=("attention_sites", "block_paths"))
 def find_attention(gm: fx.GraphModule, cfg: Any = None) -> PassReport:
     """Record every attention site of ``gm``; the graph itself is left unchanged.
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from fxdit.passes._base import PassReport, ReportBuilder
+from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._dataflow import (
     Streams,
     block_index_map,
@@ -419,6 +419,8 @@ def _analyse_blocks(gm: fx.GraphModule, cfg: Any,
     return blocks, streams.grid
 
 
+@declares(reads=("attention_sites", "position_ids", "carried_tokens"),
+          produces=("attention_sites", "block_paths", "blocks", "token_grid", "token_grid_reason", "output_tokens"))
 def find_blocks(gm: fx.GraphModule, cfg: Any = None) -> PassReport:
     """Record the transformer blocks, their linears' roles and the token grid; the graph is left unchanged.
 

@@ -23,7 +23,7 @@ import operator
 
 import torch
 import torch.fx as fx
-from fxdit.passes._base import PassReport, ReportBuilder
+from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._fx_utils import fake_value, finish, fxdit_meta, lift_constant, node_meta, nodes_by_name
 from fxdit.passes.plan_cache import cache_slots, entry_factors
 
@@ -81,6 +81,8 @@ def _add_cache_inputs(gm: fx.GraphModule, plan: dict) -> dict[tuple[int, str], f
     return out
 
 
+@declares(reads=("cache_plan", "cache_factors"),
+          produces=("cache_inserted", "constants"))
 def insert_lowrank_increments(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
     """Make ``gm`` the cached-step variant; see the module docstring.
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxdit.kernels import torch_private
-from fxdit.passes._base import PassReport, ReportBuilder
+from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._fx_utils import fake_value, fxdit_meta, nodes_by_name, shape_of
 
 from fxdit.config import CACHE_ROLES, FxditConfig
@@ -229,6 +229,8 @@ def _find_timesteps(gm: fx.GraphModule) -> list[tuple[str, int]]:
     return found
 
 
+@declares(reads=("blocks", "attention_sites", "token_grid"),
+          produces=("cache_plan", "cache_factors", "constants"))
 def plan_cache(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
     """Plan ICC for ``gm``: which linears are cached, with which factors; see the module docstring.
 

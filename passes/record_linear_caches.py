@@ -16,7 +16,7 @@ import logging
 
 import torch
 import torch.fx as fx
-from fxdit.passes._base import PassReport, ReportBuilder
+from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._fx_utils import finish, fxdit_meta, lift_constant, node_meta, nodes_by_name
 from fxdit.passes.plan_cache import cache_slots, entry_factors
 
@@ -31,6 +31,8 @@ def _linear_input(node: fx.Node) -> fx.Node:
     return node.args[0] if node.args else node.kwargs["input"]
 
 
+@declares(reads=("cache_plan",),
+          produces=("cache_recorded", "constants"))
 def record_linear_caches(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
     """Make ``gm`` the full-step variant: append each cached linear's cache tensors to the outputs.
 

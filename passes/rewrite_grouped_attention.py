@@ -42,7 +42,7 @@ import torch.fx as fx
 from fxdit.kernels import grat_layout as gl
 from fxdit.kernels import ops as _ops  # registers torch.ops.fxdit.grouped_attention
 from fxdit.kernels import torch_private
-from fxdit.passes._base import PassReport, ReportBuilder
+from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._fake import FakeValues
 from fxdit.passes._fx_utils import (
     fake_value,
@@ -203,6 +203,8 @@ def _dense_lowerings(plans: list[SitePlan], nodes: dict[str, fx.Node]) -> dict[s
     return out
 
 
+@declares(reads=("attention_sites", "token_grid", "token_grid_reason"),
+          produces=("constants",))
 def rewrite_grouped_attention(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
     """Replace eligible attention sites by ``torch.ops.fxdit.grouped_attention`` (GRAT-B / GRAT-X).
 

@@ -46,7 +46,7 @@ import torch.fx as fx
 from fxdit.kernels import grat_layout as gl
 from fxdit.kernels import halo, torch_private
 from fxdit.kernels import ops as _ops  # noqa: F401 - registers torch.ops.fxdit.grouped_attention
-from fxdit.passes._base import PassReport, ReportBuilder
+from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._fake import FakeValues
 from fxdit.passes._fx_utils import fake_value, finish, fxdit_meta, lift_constant, nodes_by_name, shape_of
 from fxdit.passes._records import AttentionSite, TokenGrid
@@ -151,6 +151,8 @@ def _encode_tables(full: torch.Tensor, partial: torch.Tensor) -> list[torch.Tens
     return out
 
 
+@declares(reads=("attention_sites", "token_grid"),
+          produces=("sharded", "constants"))
 def shard_tokens(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
     """Shard the image tokens of ``gm`` over the ranks of ``cfg.parallel.group`` (see the module docstring).
 
