@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,12 +295,14 @@ def planned_sites(model: torch.nn.Module, cfg: Any, args: Sequence[Any],
 
 
 @contextlib.contextmanager
-def grouped_sdpa(model: torch.nn.Module, cfg: Any, *, layout: ModelLayout | None = None) -> Iterator[dict[str, Any]]:
+def grouped_sdpa(model: torch.nn.Module, cfg: Any, *, layout: ModelLayout | None = None,
+                 only: Collection[int] | None = None) -> Iterator[dict[str, Any]]:
     """Patch SDPA so that the calls :func:`why_dense` accepts use the dense grouped mask; yields call counters.
 
-    ``layout`` defaults to :func:`model_layout` of the first forward's inputs. The counters: ``calls`` (SDPA calls),
-    ``masked`` (calls given the grouped mask), ``reasons`` (reason of every call, ``None`` for masked ones) and
-    ``sparse`` (masked calls whose grouped mask drops some element, i.e. differs from dense attention).
+    ``layout`` defaults to :func:`model_layout` of the first forward's inputs; ``only`` (call indices of one
+    forward, in call order) keeps every other call dense. The counters: ``calls`` (SDPA calls), ``masked`` (calls
+    given the grouped mask), ``reasons`` (reason of every call, ``None`` for masked ones) and ``sparse`` (masked
+    calls whose grouped mask drops some element, i.e. differs from dense attention).
     """
     att = _options(cfg)
     counts: dict[str, Any] = {"calls": 0, "masked": 0, "sparse": 0, "reasons": []}
@@ -317,6 +319,8 @@ def grouped_sdpa(model: torch.nn.Module, cfg: Any, *, layout: ModelLayout | None
     def masked(orig: Any, call: Call, bound: dict[str, Any]) -> torch.Tensor:
         lay = state["layout"]
         reason = why_dense(call, lay, att)
+        if reason is None and only is not None and call.index not in only:
+            reason = "not selected"
         counts["calls"] += 1
         counts["reasons"].append(reason)
         if reason is None:

@@ -114,7 +114,9 @@ def _check_row(row):
         # every GRAT rewrite is checked against the oracle: same calls masked, same result
         o = row.oracle
         assert o and not o.get("error"), f"{row.cls}: {o}"
-        assert o["ok"] and o["masked"] == o["rewritten"] == lo["grat_rewritten"], f"{row.cls}: {o}"
+        assert o["ok"] and o["rewritten"] == lo["grat_rewritten"], f"{row.cls}: {o}"
+        # fewer sites than the oracle masks: the rewritten ones matched a choice of the oracle's calls
+        assert o["masked"] == o["rewritten"] or len(o["subset"]) == o["rewritten"], f"{row.cls}: {o}"
         assert o["sparse"] == o["masked"]  # the grouped mask drops something at every masked call
 
 
