@@ -16,7 +16,7 @@ import torch.fx as fx
 from fxdit.passes._fake import FakeValues
 from fxdit.passes._fx_utils import fake_value, insert_after, lift_constant, node_meta, shape_of
 from fxdit.passes._records import AttentionSite, TokenGrid
-from fxdit.passes._token_flow import SIDE_VIEWS, Flow, NotTokenWise, TokenFlow, op_key
+from fxdit.passes._token_flow import Flow, NotTokenWise, TokenFlow, is_side_view
 
 __all__ = ["PER_SITE_PERMUTES", "SitePlan", "Constants", "sites_device", "segment_perm", "index_select",
            "plan_hoisting", "apply_hoisting"]
@@ -125,7 +125,7 @@ def side_root(arg: fx.Node, dim: int) -> tuple[fx.Node, int, list[fx.Node]]:
     """Trace a side tensor back through pure views to the tensor that first carries the token dim."""
     chain: list[fx.Node] = []
     node, d = arg, dim
-    while op_key(node) in SIDE_VIEWS and node.args and isinstance(node.args[0], fx.Node):
+    while is_side_view(node) and node.args and isinstance(node.args[0], fx.Node):
         src = node.args[0]
         src_shape, shape = shape_of(src), shape_of(node)
         if src_shape is None or shape is None or not isinstance(fake_value(src), torch.Tensor):

@@ -17,110 +17,79 @@ import torch.fx as fx
 import torch.nn.functional as F
 from fxdit.passes._fx_utils import fake_value
 
-__all__ = ["FUNCTION_KINDS", "METHOD_KINDS", "INPUT_NAME_HINTS", "PASS_THROUGH", "kind", "tensor_args", "is_param",
-           "shape_of", "static_size", "ndim", "dim_index", "arg_of"]
+__all__ = ["OP_TABLE", "TOKEN_RULES", "token_rule", "FUNCTION_KINDS", "METHOD_KINDS", "INPUT_NAME_HINTS",
+           "PASS_THROUGH", "kind", "tensor_args", "is_param", "shape_of", "static_size", "ndim", "dim_index",
+           "arg_of"]
 
 _aten = torch.ops.aten
 
-#: ``call_function`` targets → kind.
-FUNCTION_KINDS: dict[Any, str] = {
-    torch._C._nn.linear: "linear",
-    F.linear: "linear",
-    torch._C._nn.scaled_dot_product_attention: "sdpa",
-    F.scaled_dot_product_attention: "sdpa",
-    _aten.scaled_dot_product_attention.default: "sdpa",
-    operator.matmul: "matmul",
-    torch.matmul: "matmul",
-    torch.bmm: "matmul",
-    torch.baddbmm: "baddbmm",
-    _aten.bmm.default: "matmul",
-    _aten.matmul.default: "matmul",
-    torch.softmax: "softmax",
-    F.softmax: "softmax",
-    torch.conv2d: "conv",
-    torch.conv3d: "conv",
-    F.conv2d: "conv",
-    F.conv3d: "conv",
-    torch.transpose: "transpose",
-    torch.swapaxes: "transpose",
-    torch.permute: "permute",
-    torch.reshape: "view",
-    torch.flatten: "view",
-    torch.unflatten: "view",
-    torch.squeeze: "view",
-    torch.unsqueeze: "view",
-    operator.getitem: "getitem",
-    torch.split: "split",
-    torch.chunk: "split",
-    torch.unbind: "split",
-    torch.tensor_split: "split",
-    torch.cat: "cat",
-    torch.concat: "cat",
-    torch.concatenate: "cat",
-    torch.stack: "stack",
-    F.layer_norm: "norm",
-    torch.layer_norm: "norm",
-    F.group_norm: "group_norm",
-    torch.group_norm: "group_norm",
-    F.dropout: "dropout",
-    torch.dropout: "dropout",
-    F.gelu: "activation",
-    F.silu: "activation",
-    F.relu: "activation",
-    F.mish: "activation",
-    torch.relu: "activation",
-    torch.tanh: "activation",
-    torch.sigmoid: "elementwise",
-    operator.add: "elementwise",
-    operator.iadd: "elementwise",
-    operator.sub: "elementwise",
-    operator.mul: "elementwise",
-    operator.imul: "elementwise",
-    operator.truediv: "elementwise",
-    operator.neg: "elementwise",
-    torch.add: "elementwise",
-    torch.sub: "elementwise",
-    torch.mul: "elementwise",
-    torch.div: "elementwise",
-    torch.neg: "elementwise",
-    torch.addcmul: "elementwise",
-    torch.where: "elementwise",
-    torch.cos: "elementwise",
-    torch.sin: "elementwise",
-    torch.exp: "elementwise",
-    torch.rsqrt: "elementwise",
-    torch.sqrt: "elementwise",
-    torch.pow: "elementwise",
-    torch.clone: "cast",
-    torch.einsum: "einsum",
-    torch.broadcast_to: "broadcast",
-    torch.view_as_complex: "view",
-    torch.view_as_real: "view",
-}
-for _name in ("rms_norm",):
-    for _mod in (F, torch):
-        if hasattr(_mod, _name):
-            FUNCTION_KINDS[getattr(_mod, _name)] = "norm"
-for _name in ("gelu", "silu", "relu"):
-    if hasattr(torch._C._nn, _name):
-        FUNCTION_KINDS[getattr(torch._C._nn, _name)] = "activation"
+def _optional(*names: str) -> tuple[Any, ...]:
+    """``torch``/``F``/``torch._C._nn`` functions of these names that this torch build has."""
+    return tuple(getattr(mod, n) for n in names for mod in (F, torch, torch._C._nn) if hasattr(mod, n))
 
-#: ``call_method`` names → kind.
-METHOD_KINDS: dict[str, str] = {
-    "view": "view", "reshape": "view", "flatten": "view", "unflatten": "view", "view_as": "view",
-    "reshape_as": "view", "squeeze": "view", "unsqueeze": "view",
-    "transpose": "transpose", "swapaxes": "transpose", "permute": "permute",
-    "split": "split", "split_with_sizes": "split", "chunk": "split", "unbind": "split", "tensor_split": "split",
-    "contiguous": "cast", "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast", "type": "cast",
-    "type_as": "cast", "clone": "cast", "detach": "cast",
-    "softmax": "softmax", "matmul": "matmul", "bmm": "matmul", "__matmul__": "matmul",
-    "baddbmm": "baddbmm",
-    "add": "elementwise", "sub": "elementwise", "mul": "elementwise", "div": "elementwise", "neg": "elementwise",
-    "add_": "elementwise", "mul_": "elementwise", "addcmul": "elementwise", "sigmoid": "elementwise",
-    "cos": "elementwise", "sin": "elementwise", "exp": "elementwise", "pow": "elementwise", "rsqrt": "elementwise",
-    "gelu": "activation", "silu": "activation", "relu": "activation", "tanh": "activation",
-    "expand": "broadcast", "expand_as": "broadcast", "repeat": "broadcast",
-}
+
+#: Every op spelling the analysis knows, written once: ``(spellings, kind, token rule)``. A spelling is a
+#: ``call_function`` target or a ``call_method`` name. The *kind* is what the node computes (what the analysis
+#: reasons about); the *token rule* says how the op maps a token dimension through it, for the walker that must
+#: prove an op keeps the token order (:mod:`fxdit.passes._token_flow`): ``None`` when it is not proven to.
+OP_TABLE: tuple[tuple[tuple[Any, ...], str, str | None], ...] = (
+    ((torch._C._nn.linear, F.linear), "linear", "trailing"),
+    ((torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
+      _aten.scaled_dot_product_attention.default), "sdpa", None),
+    ((operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"), "matmul", "matmul"),
+    ((_aten.bmm.default, _aten.matmul.default, "__matmul__"), "matmul", None),
+    ((torch.baddbmm, "baddbmm"), "baddbmm", None),
+    ((torch.softmax, F.softmax, "softmax"), "softmax", "dim_op"),
+    ((torch.log_softmax, F.log_softmax, "log_softmax"), "log_softmax", "dim_op"),
+    ((torch.conv2d, torch.conv3d, F.conv2d, F.conv3d), "conv", None),
+    ((torch.transpose, torch.swapaxes, "transpose", "swapaxes"), "transpose", "transpose"),
+    ((torch.permute, "permute"), "permute", "permute"),
+    ((torch.movedim, "movedim"), "movedim", "movedim"),
+    ((torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, "view", "reshape", "flatten",
+      "unflatten", "squeeze", "unsqueeze"), "view", "reshape"),
+    (("view_as", "reshape_as", torch.view_as_complex, torch.view_as_real), "view", None),
+    ((operator.getitem,), "getitem", "getitem"),
+    ((operator.setitem,), "setitem", "setitem"),
+    ((torch.split, torch.chunk, torch.tensor_split, "split", "split_with_sizes", "chunk", "tensor_split"), "split",
+     "split"),
+    ((torch.unbind, "unbind"), "split", "unbind"),
+    ((torch.cat, torch.concat, torch.concatenate), "cat", "cat"),
+    ((torch.stack,), "stack", "stack"),
+    ((F.layer_norm, torch.layer_norm, *_optional("rms_norm")), "norm", "trailing"),
+    ((F.group_norm, torch.group_norm), "group_norm", None),
+    ((F.dropout, torch.dropout, "dropout"), "dropout", "dropout"),
+    ((F.gelu, F.silu, F.relu, F.mish, F.hardswish, F.tanh, torch.relu, torch.tanh, *_optional("gelu", "silu"),
+      "gelu", "silu", "relu", "tanh"), "activation", "pointwise"),
+    ((operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, operator.truediv, operator.neg,
+      operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.addcmul, torch.where,
+      torch.cos, torch.sin, torch.exp, torch.rsqrt, torch.sqrt, torch.sigmoid, F.sigmoid, torch.erf, torch.abs,
+      torch.clamp, torch.masked_fill, torch.square, torch.reciprocal, torch.lerp, torch.float_power,
+      "add", "sub", "mul", "div", "neg", "pow", "sigmoid", "exp", "rsqrt", "sqrt", "cos", "sin", "abs", "clamp",
+      "masked_fill", "square", "reciprocal", "add_", "mul_", "addcmul", "__add__", "__mul__", "__radd__",
+      "__rmul__"), "elementwise", "pointwise"),
+    ((torch.clone, "contiguous", "float", "half", "bfloat16", "double", "type", "clone", "detach"), "cast",
+     "pointwise"),
+    (("to", "type_as"), "cast", "like_first"),
+    ((torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like), "like", "like_first"),
+    ((torch.mean, torch.sum, torch.amax, torch.amin, torch.var, "mean", "sum", "amax", "amin", "var", "std"),
+     "reduce", "reduce"),
+    (("expand", "expand_as"), "broadcast", "expand"),
+    (("repeat", torch.broadcast_to), "broadcast", None),
+    (("size", "dim", "numel", "get_device", getattr), "metadata", "metadata"),
+    ((torch.einsum,), "einsum", None),
+)
+
+#: ``call_function`` targets → kind, and ``call_method`` names → kind (derived from :data:`OP_TABLE`).
+FUNCTION_KINDS: dict[Any, str] = {}
+METHOD_KINDS: dict[str, str] = {}
+#: spelling → token rule (derived from :data:`OP_TABLE`).
+TOKEN_RULES: dict[Any, str] = {}
+for _spellings, _kind, _rule in OP_TABLE:
+    for _sp in _spellings:
+        (METHOD_KINDS if isinstance(_sp, str) else FUNCTION_KINDS)[_sp] = _kind
+        if _rule is not None:
+            TOKEN_RULES[_sp] = _rule
+
 
 #: Name fragments of graph inputs, used only to break a tie between two token inputs whose shapes cannot tell
 #: the image stream from the text stream (same token count and rank). Image hints are tried first.
@@ -133,6 +102,18 @@ INPUT_NAME_HINTS: dict[str, tuple[str, ...]] = {
 #: attention output forward to its output projection.
 PASS_THROUGH = frozenset({"view", "transpose", "permute", "mT", "getitem", "split", "cat", "stack", "cast",
                           "norm", "elementwise", "dropout"})
+
+
+def token_rule(node: Any) -> str | None:
+    """How ``node`` maps a token dimension (see :data:`OP_TABLE`), or ``None`` when it is not proven to keep it."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    if node.target is getattr and len(node.args) > 1 and node.args[1] in ("mT", "mH"):
+        return None
+    try:
+        return TOKEN_RULES.get(node.target)
+    except TypeError:  # unhashable target
+        return None
 
 
 def kind(node: Any) -> str | None:

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from fxdit.passes._fx_utils import fake_value, shape_of
+from fxdit.passes._ops import kind, token_rule
 from fxdit.passes._records import AttentionSite
 
 __all__ = ["Tok", "NotTokenWise", "Flow", "TokenFlow", "op_key", "op_arg", "norm_dim", "slice_ints", "reshape_map",
-           "EXPAND", "METADATA", "RESHAPE", "SPLIT", "SIDE_VIEWS", "TRANSPOSE", "PERMUTE", "MOVEDIM"]
+           "SIDE_VIEW_RULES", "is_side_view", "trailing_dims"]
 
 log = logging.getLogger(__name__)
 
@@ -36,46 +35,21 @@ class NotTokenWise(Exception):
     """The op is not known to keep the token order; the stream is restored before it."""
 
 
-_POINTWISE = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.iadd,
-    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.tanh, torch.sigmoid,
-    torch.exp, torch.rsqrt, torch.sqrt, torch.cos, torch.sin, torch.erf, torch.abs, torch.clamp, torch.where,
-    torch.masked_fill, torch.square, torch.reciprocal, torch.relu, torch.addcmul, torch.lerp, torch.float_power,
-    F.gelu, F.silu, F.relu, F.mish, F.hardswish, F.sigmoid, F.tanh, torch._C._nn.gelu, torch._C._nn.silu,
-    "add", "sub", "mul", "div", "neg", "pow", "tanh", "sigmoid", "exp", "rsqrt", "sqrt", "cos", "sin", "abs",
-    "clamp", "float", "half", "bfloat16", "double", "type", "contiguous", "clone", "masked_fill",
-    "square", "reciprocal", "relu", "detach", "add_", "mul_", "__add__", "__mul__", "__radd__", "__rmul__",
-}
-#: Ops acting on the trailing dims only: target → how many trailing dims (callable of the node for norms).
-_TRAILING: dict[Any, Callable[[fx.Node], int]] = {
-    torch._C._nn.linear: lambda n: 1,
-    F.linear: lambda n: 1,
-    F.layer_norm: lambda n: len(op_arg(n, 1, "normalized_shape")),
-    F.rms_norm: lambda n: len(op_arg(n, 1, "normalized_shape")),
-    torch.layer_norm: lambda n: len(op_arg(n, 1, "normalized_shape")),
-    torch.rms_norm: lambda n: len(op_arg(n, 1, "normalized_shape")),
-}
-#: Ops whose value follows their first argument only (dtype/device conversions; creation "like" the input).
-_LIKE_FIRST = {"to", "type_as", torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like}
-#: Dropout is token-wise only as the identity (``training=False`` or ``p=0``).
-_DROPOUT = {F.dropout, torch.dropout, "dropout"}
-_DIM_OPS = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax, "softmax", "log_softmax"}
-_REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin, torch.var, "mean", "sum", "amax", "amin", "var", "std"}
-RESHAPE = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, "view", "reshape",
-            "flatten", "unflatten", "squeeze", "unsqueeze"}
-EXPAND = {"expand", "expand_as"}
-TRANSPOSE = {torch.transpose, torch.swapaxes, "transpose", "swapaxes"}
-PERMUTE = {torch.permute, "permute"}
-MOVEDIM = {torch.movedim, "movedim"}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
-_STACK = {torch.stack}
-SPLIT = {torch.split, torch.chunk, torch.tensor_split, "split", "split_with_sizes", "chunk", "tensor_split"}
-_UNBIND = {torch.unbind, "unbind"}
-_MATMUL = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
-METADATA = {"size", "dim", "numel", getattr, "get_device"}
-#: Views a side tensor (positional table, RoPE cos/sin) may be traced back through, to permute it once at its source.
-SIDE_VIEWS = RESHAPE | EXPAND | TRANSPOSE | PERMUTE | MOVEDIM | {operator.getitem, "to", "float", "type_as",
-                                                                        "contiguous"}
+#: Token rules (see :data:`fxdit.passes._ops.OP_TABLE`) of the views a side tensor (positional table, RoPE
+#: cos/sin) may be traced back through, to permute it once at its source; casts count too.
+SIDE_VIEW_RULES = frozenset({"reshape", "expand", "transpose", "permute", "movedim", "getitem"})
+
+
+def is_side_view(node: fx.Node) -> bool:
+    """``node`` is a pure view or cast of its first argument (see :data:`SIDE_VIEW_RULES`)."""
+    return token_rule(node) in SIDE_VIEW_RULES or kind(node) == "cast"
+
+
+def trailing_dims(node: fx.Node) -> int:
+    """How many trailing dims an op with the ``"trailing"`` rule acts on (a linear: 1; a norm: its shape's)."""
+    if kind(node) == "linear":
+        return 1
+    return len(op_arg(node, 1, "normalized_shape"))
 
 
 def op_key(node: fx.Node) -> Any:
@@ -200,28 +174,29 @@ class TokenFlow:
 
     def _rule(self, node: fx.Node) -> Any:
         key = op_key(node)
+        rule = token_rule(node)
         out_shape = shape_of(node)
         val = fake_value(node)
-        if key in METADATA or (val is not None and not isinstance(val, (torch.Tensor, tuple, list))):
-            if key in METADATA:
+        if rule == "metadata" or (val is not None and not isinstance(val, (torch.Tensor, tuple, list))):
+            if rule == "metadata":
                 return None
             raise NotTokenWise(f"{key} returns a non-tensor from the token stream")
         x = node.args[0] if node.args else None
         tx = self._t(x)
-        if key in _DROPOUT:
+        if rule == "dropout":
             p, training = op_arg(node, 1, "p", 0.5), op_arg(node, 2, "training", True)
             if p and training:
                 raise NotTokenWise("dropout in training mode")
             return self._pointwise(node, out_shape)
-        if key in _POINTWISE:
+        if rule == "pointwise":
             return self._pointwise(node, out_shape)
-        if key in _LIKE_FIRST:
+        if rule == "like_first":
             if not isinstance(tx, tuple) or out_shape != shape_of(x):
                 raise NotTokenWise(f"{key}: token stream not in the first argument")
             return tx
-        if key == operator.setitem:
+        if rule == "setitem":
             return self._setitem(node)
-        if key in _TRAILING or key in _DIM_OPS or key in _REDUCE:
+        if rule in ("trailing", "dim_op", "reduce"):
             for a in node.all_input_nodes:
                 if a is not x and self._t(a) is not None:
                     raise NotTokenWise(f"{key}: token stream in a parameter argument")
@@ -229,12 +204,12 @@ class TokenFlow:
                 raise NotTokenWise(f"{key}: token stream not in the data argument")
             in_shape = shape_of(x)
             d, off = tx
-            if key in _TRAILING:
-                if d >= len(in_shape) - _TRAILING[key](node):
+            if rule == "trailing":
+                if d >= len(in_shape) - trailing_dims(node):
                     raise NotTokenWise(f"{key} acts on the token dimension")
                 return tx
             dim = op_arg(node, 1, "dim")
-            if key in _DIM_OPS:
+            if rule == "dim_op":
                 if dim is None or norm_dim(dim, len(in_shape)) == d:
                     raise NotTokenWise(f"{key} over the token dimension")
                 return tx
@@ -246,28 +221,28 @@ class TokenFlow:
                 raise NotTokenWise(f"{key} over the token dimension")
             keep = bool(op_arg(node, 2, "keepdim", False))
             return (d if keep else d - sum(1 for v in dims if v < d), off)
-        if not isinstance(tx, tuple) and key not in _CAT and key not in _STACK:
-            if key == operator.getitem and isinstance(tx, list):
+        if not isinstance(tx, tuple) and rule not in ("cat", "stack"):
+            if rule == "getitem" and isinstance(tx, list):
                 return tx[node.args[1]]
             raise NotTokenWise(f"{key}: unsupported use of the token stream")
-        if key in RESHAPE:
+        if rule == "reshape":
             return self._reshape(x, tx, out_shape)
-        if key in EXPAND:
+        if rule == "expand":
             in_shape = shape_of(x)
             d = tx[0] + len(out_shape) - len(in_shape)
             if out_shape[d] != in_shape[tx[0]]:
                 raise NotTokenWise("expand over the token dimension")
             return (d, tx[1])
-        if key in TRANSPOSE:
+        if rule == "transpose":
             rank = len(out_shape)
             a, b = (norm_dim(int(v), rank) for v in node.args[1:3])
             d = tx[0]
             return (b if d == a else a if d == b else d, tx[1])
-        if key in PERMUTE:
+        if rule == "permute":
             dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
             dims = [norm_dim(int(v), len(out_shape)) for v in dims]
             return (dims.index(tx[0]), tx[1])
-        if key in MOVEDIM:
+        if rule == "movedim":
             rank = len(out_shape)
             src, dst = node.args[1], node.args[2]
             order = [i for i in range(rank)]
@@ -280,22 +255,22 @@ class TokenFlow:
             it = iter(rest)
             perm = [p if p is not None else next(it) for p in perm]
             return (perm.index(tx[0]), tx[1])
-        if key == operator.getitem:
+        if rule == "getitem":
             return self._getitem(node.args[1], x, tx)
-        if key in _CAT:
+        if rule == "cat":
             return self._cat(node, out_shape)
-        if key in _STACK:
+        if rule == "stack":
             return self._stack(node, out_shape)
-        if key in SPLIT:
+        if rule == "split":
             return self._split(node, x, tx)
-        if key in _UNBIND:
+        if rule == "unbind":
             rank = len(shape_of(x))
             dim = norm_dim(int(op_arg(node, 1, "dim", 0)), rank)
             if dim == tx[0]:
                 raise NotTokenWise("unbind over the token dimension")
             d = tx[0] - (1 if dim < tx[0] else 0)
             return [(d, tx[1])] * len(val)
-        if key in _MATMUL:
+        if rule == "matmul":
             a, b = node.args[0], node.args[1]
             if self._t(b) is not None or not isinstance(self._t(a), tuple):
                 raise NotTokenWise("matmul mixes tokens")

@@ -49,12 +49,9 @@ from fxdit.kernels import ops as _ops  # noqa: F401 - registers torch.ops.fxdit.
 from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._fake import FakeValues
 from fxdit.passes._fx_utils import fake_value, finish, fxdit_meta, lift_constant, nodes_by_name, shape_of
+from fxdit.passes._ops import token_rule
 from fxdit.passes._records import AttentionSite, TokenGrid
 from fxdit.passes._token_flow import (
-    EXPAND,
-    METADATA,
-    RESHAPE,
-    SPLIT,
     NotTokenWise,
     TokenFlow,
     norm_dim,
@@ -104,7 +101,7 @@ class _ShardFlow(TokenFlow):
             if tq is None or not (tq == tk == tv) or tq[0] != 2:
                 raise NotTokenWise("grouped attention with q/k/v out of the stream")
             return tq
-        if key in METADATA and any(self._t(a) is not None for a in node.all_input_nodes):
+        if token_rule(node) == "metadata" and any(self._t(a) is not None for a in node.all_input_nodes):
             self.flow.failure = f"{node.name} reads the size of the token stream"
             return None
         return super()._rule(node)
@@ -348,7 +345,8 @@ def _rewrite_shapes(flow: Any, delta: int, n: int) -> None:
         key = op_key(node)
         x = node.args[0] if node.args else None
         tx = flow.tok.get(x) if isinstance(x, fx.Node) else None
-        if key in RESHAPE or key in EXPAND:
+        rule = token_rule(node)
+        if rule in ("reshape", "expand"):
             if key not in ("view", "reshape", torch.reshape, "expand"):
                 continue  # flatten/unflatten/squeeze/unsqueeze: no token-sized argument (the flow checked)
             out_shape = shape_of(node)
@@ -367,7 +365,7 @@ def _rewrite_shapes(flow: Any, delta: int, n: int) -> None:
             node.args = (x, tuple(sizes)) if sizes_tuple else (x, *sizes)
         elif key == operator.getitem and isinstance(tx, tuple):
             node.args = (x, _rewrite_index(node.args[1], shape_of(x), tx, delta, n))
-        elif key in SPLIT and isinstance(tx, tuple):
+        elif rule == "split" and isinstance(tx, tuple):
             _rewrite_split(node, key, tx, delta, n)
 
 
