@@ -17,9 +17,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from fxdit.passes._fx_utils import fake_value
 
-__all__ = ["OP_TABLE", "TOKEN_RULES", "token_rule", "FUNCTION_KINDS", "METHOD_KINDS", "INPUT_NAME_HINTS",
-           "PASS_THROUGH", "kind", "tensor_args", "is_param", "shape_of", "static_size", "ndim", "dim_index",
-           "arg_of"]
+__all__ = ["OP_TABLE", "TOKEN_RULES", "ARITH", "arith", "token_rule", "FUNCTION_KINDS", "METHOD_KINDS",
+           "INPUT_NAME_HINTS", "PASS_THROUGH", "kind", "tensor_args", "is_param", "shape_of", "static_size", "ndim",
+           "dim_index", "arg_of"]
 
 _aten = torch.ops.aten
 
@@ -60,13 +60,16 @@ OP_TABLE: tuple[tuple[tuple[Any, ...], str, str | None], ...] = (
     ((F.dropout, torch.dropout, "dropout"), "dropout", "dropout"),
     ((F.gelu, F.silu, F.relu, F.mish, F.hardswish, F.tanh, torch.relu, torch.tanh, *_optional("gelu", "silu"),
       "gelu", "silu", "relu", "tanh"), "activation", "pointwise"),
-    ((operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, operator.truediv, operator.neg,
-      operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.addcmul, torch.where,
-      torch.cos, torch.sin, torch.exp, torch.rsqrt, torch.sqrt, torch.sigmoid, F.sigmoid, torch.erf, torch.abs,
-      torch.clamp, torch.masked_fill, torch.square, torch.reciprocal, torch.lerp, torch.float_power,
-      "add", "sub", "mul", "div", "neg", "pow", "sigmoid", "exp", "rsqrt", "sqrt", "cos", "sin", "abs", "clamp",
-      "masked_fill", "square", "reciprocal", "add_", "mul_", "addcmul", "__add__", "__mul__", "__radd__",
-      "__rmul__"), "elementwise", "pointwise"),
+    ((operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"), "elementwise:add", "pointwise"),
+    ((operator.sub, torch.sub, "sub"), "elementwise:sub", "pointwise"),
+    ((operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmul__"), "elementwise:mul", "pointwise"),
+    ((operator.truediv, torch.div, "div", "true_divide"), "elementwise:div", "pointwise"),
+    ((torch.sin, "sin", _aten.sin.default), "elementwise:sin", "pointwise"),
+    ((torch.cos, "cos", _aten.cos.default), "elementwise:cos", "pointwise"),
+    ((operator.neg, operator.pow, torch.neg, torch.pow, torch.addcmul, torch.where, torch.exp, torch.rsqrt,
+      torch.sqrt, torch.sigmoid, F.sigmoid, torch.erf, torch.abs, torch.clamp, torch.masked_fill, torch.square,
+      torch.reciprocal, torch.lerp, torch.float_power, "neg", "pow", "sigmoid", "exp", "rsqrt", "sqrt", "abs",
+      "clamp", "masked_fill", "square", "reciprocal", "addcmul"), "elementwise", "pointwise"),
     ((torch.clone, "contiguous", "float", "half", "bfloat16", "double", "type", "clone", "detach"), "cast",
      "pointwise"),
     (("to", "type_as"), "cast", "like_first"),
@@ -79,16 +82,32 @@ OP_TABLE: tuple[tuple[tuple[Any, ...], str, str | None], ...] = (
     ((torch.einsum,), "einsum", None),
 )
 
-#: ``call_function`` targets → kind, and ``call_method`` names → kind (derived from :data:`OP_TABLE`).
+#: ``call_function`` targets → kind, and ``call_method`` names → kind (derived from :data:`OP_TABLE`; a kind
+#: written ``"elementwise:add"`` there is kind ``"elementwise"`` with arithmetic ``"add"``, see :func:`arith`).
 FUNCTION_KINDS: dict[Any, str] = {}
 METHOD_KINDS: dict[str, str] = {}
-#: spelling → token rule (derived from :data:`OP_TABLE`).
+#: spelling → token rule, and spelling → arithmetic of an elementwise op (derived from :data:`OP_TABLE`).
 TOKEN_RULES: dict[Any, str] = {}
+ARITH: dict[Any, str] = {}
 for _spellings, _kind, _rule in OP_TABLE:
+    _base, _, _op = _kind.partition(":")
     for _sp in _spellings:
-        (METHOD_KINDS if isinstance(_sp, str) else FUNCTION_KINDS)[_sp] = _kind
+        (METHOD_KINDS if isinstance(_sp, str) else FUNCTION_KINDS)[_sp] = _base
         if _rule is not None:
             TOKEN_RULES[_sp] = _rule
+        if _op:
+            ARITH[_sp] = _op
+
+
+def arith(node: Any) -> str | None:
+    """The arithmetic of an elementwise node (``"add"``, ``"sub"``, ``"mul"``, ``"div"``, ``"sin"``, ``"cos"``) or
+    ``None``."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    try:
+        return ARITH.get(node.target)
+    except TypeError:  # unhashable target
+        return None
 
 
 #: Name fragments of graph inputs, used only to break a tie between two token inputs whose shapes cannot tell

@@ -25,7 +25,6 @@ refers to).
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch.fx as fx
 from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._dataflow import Layout, Streams, block_index_map, block_paths, kind, shape_of, token_streams
 from fxdit.passes._fx_utils import fake_value, fxdit_meta, node_meta
+from fxdit.passes._ops import arith
 from fxdit.passes._records import AttentionSite
 
 __all__ = ["find_attention", "SDPA_PARAMS", "UNFUSED_CHAIN", "normalise_sdpa", "match_unfused"]
@@ -101,9 +101,6 @@ UNFUSED_CHAIN: tuple[ChainStep, ...] = (
 #: Kinds that make kᵀ out of k (checked to swap the last two dims).
 TRANSPOSE_KINDS = frozenset({"transpose", "permute", "mT"})
 
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
-_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-_DIV = {operator.truediv, torch.div, "div", "true_divide"}
 
 
 def _fine_kind(node: Any) -> str | None:
@@ -111,14 +108,8 @@ def _fine_kind(node: Any) -> str | None:
     k = kind(node)
     if k != "elementwise":
         return k
-    t = node.target
-    if t in _ADD:
-        return "elementwise:add"
-    if t in _MUL:
-        return "elementwise:mul"
-    if t in _DIV:
-        return "elementwise:div"
-    return k
+    op = arith(node)
+    return f"elementwise:{op}" if op in ("add", "mul", "div") else k
 
 
 def _scalar(v: Any) -> float | None:

@@ -37,12 +37,10 @@ Results: ``fxdit_meta(gm)["blocks"]`` (list of :class:`BlockInfo`), ``fxdit_meta
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.fx as fx
 from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._dataflow import (
@@ -57,6 +55,7 @@ from fxdit.passes._dataflow import (
     trace_forward,
 )
 from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, module_path, node_meta
+from fxdit.passes._ops import arith
 from fxdit.passes._records import AttentionSite, BlockInfo, LinearInfo, TokenGrid
 
 __all__ = ["find_blocks", "analyse_blocks", "find_adapters", "Adapter", "ROLE_RULES"]
@@ -222,9 +221,8 @@ def _stream(node: fx.Node, streams: Streams) -> str:
 ADAPTER_INPUT_THROUGH = frozenset({"dropout", "cast"})
 #: Call targets that scale the adapter's output by a Python number (PEFT's ``* scaling``), and the add joining it
 #: to the base output.
-ADAPTER_SCALE_KINDS = {operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.truediv: "div",
-                       torch.div: "div", "div": "div"}
-ADAPTER_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+#: Arithmetic (``_ops.arith``) of the ops allowed between an adapter's up projection and its add: a scale.
+ADAPTER_SCALE_KINDS = frozenset({"mul", "div"})
 
 
 @dataclass(frozen=True)
@@ -265,10 +263,10 @@ def _scaled_sum(up: fx.Node) -> tuple[fx.Node, Any] | None:
         if len(cur.users) != 1:
             return None
         user = next(iter(cur.users))
-        if user.target in ADAPTER_ADD and len(user.args) == 2:
+        if arith(user) == "add" and len(user.args) == 2:
             other = user.args[1] if user.args[0] is cur else user.args[0]
             return user, other
-        if kind(user) == "cast" or (user.target in ADAPTER_SCALE_KINDS and len(user.args) == 2 and user.args[0] is cur
+        if kind(user) == "cast" or (arith(user) in ADAPTER_SCALE_KINDS and len(user.args) == 2 and user.args[0] is cur
                                     and isinstance(user.args[1], (int, float)) and not isinstance(user.args[1], bool)):
             cur = user
             continue
@@ -301,7 +299,7 @@ def find_adapters(gm: fx.GraphModule) -> list[Adapter]:
             continue
         add, other = joined
         base = other
-        while isinstance(base, fx.Node) and (base.target in ADAPTER_ADD or kind(base) == "cast") and base.args:
+        while isinstance(base, fx.Node) and (arith(base) == "add" or kind(base) == "cast") and base.args:
             base = base.args[0]  # earlier adapters of the same linear: result = result + ...
         if not isinstance(base, fx.Node) or kind(base) != "linear" or _weight_shape(base) != (d_out, d_in):
             continue

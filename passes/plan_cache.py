@@ -41,6 +41,7 @@ import torch.fx as fx
 from fxdit.kernels import torch_private
 from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._fx_utils import fake_value, fxdit_meta, nodes_by_name, shape_of
+from fxdit.passes._ops import arith
 
 from fxdit.config import CACHE_ROLES, FxditConfig
 from fxdit.errors import FxditError
@@ -62,7 +63,6 @@ FORMS = {"x": ("x", "y"), "projcache": ("z", "y"), "reuse": ("y",)}
 #: inductor (projcache adds an r-wide GEMM per linear to every full step) at the same cached-step cost.
 DEFAULT_FORM = "x"
 
-_SINCOS = {torch.sin, torch.cos, "sin", "cos", torch.ops.aten.sin.default, torch.ops.aten.cos.default}
 _TIMESTEP_HOPS = 8
 
 
@@ -219,7 +219,7 @@ def _find_timesteps(gm: fx.GraphModule) -> list[tuple[str, int]]:
                 if user in seen:
                     continue
                 seen.add(user)
-                if user.op in ("call_function", "call_method") and user.target in _SINCOS:
+                if arith(user) in ("sin", "cos"):
                     hit = True
                     break
                 if depth + 1 < _TIMESTEP_HOPS:
