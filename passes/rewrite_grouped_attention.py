@@ -61,6 +61,7 @@ from fxdit.passes._grat_hoist import (
     segment_perm,
     sites_device,
 )
+from fxdit.passes._ops import kind, token_rule
 from fxdit.passes._records import AttentionSite, TokenGrid
 
 from fxdit.config import FxditConfig
@@ -135,6 +136,32 @@ def _key_padding_shape(shape: tuple[int, ...] | None, batch: int, kv_len: int) -
     return s[0] in (1, batch) and s[1] == 1 and s[2] == 1 and s[3] == kv_len and kv_len > 1
 
 
+def _non_unit(shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    return None if shape is None else tuple(x for x in shape if x != 1)
+
+
+def key_padding_source(mask: fx.Node | None, batch: int, kv_len: int) -> fx.Node | None:
+    """The node holding ``mask`` as a key-padding mask (broadcastable to ``[B, 1, 1, S_kv]``): ``mask`` itself, or
+    the tensor it was broadcast from over heads and queries (``expand``/``broadcast_to``, views adding unit dims),
+    since broadcasting repeats one row of key validity; ``None`` when it is not one."""
+    node = mask
+    for _ in range(8):
+        if not isinstance(node, fx.Node):
+            return None
+        if _key_padding_shape(shape_of(node), batch, kv_len):
+            return node
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) or shape_of(src) is None:
+            return None
+        if token_rule(node) == "expand" or getattr(node.target, "__name__", "") == "broadcast_to":
+            node = src
+        elif kind(node) in ("view", "cast") and _non_unit(shape_of(src)) == _non_unit(shape_of(node)):
+            node = src  # a reshape that only adds or drops unit dims keeps the values in order
+        else:
+            return None
+    return None
+
+
 def _why_not(site: AttentionSite, grid: tuple[int, ...] | None, cfg: FxditConfig,
              nodes: dict[str, fx.Node]) -> str | None:
     """Why ``site`` stays dense (``None`` when it can be rewritten)."""
@@ -181,7 +208,7 @@ def _why_not(site: AttentionSite, grid: tuple[int, ...] | None, cfg: FxditConfig
         if site.mask_kind != "bool":
             return R_FLOAT_MASK
         mask_node = nodes.get(site.mask)
-        if not _key_padding_shape(shape_of(mask_node), site.batch, site.kv_len):
+        if key_padding_source(mask_node, site.batch, site.kv_len) is None:
             return R_BOOL_MASK
     q_val, v_val = fake_value(nodes.get(site.q)), fake_value(nodes.get(site.v))
     if isinstance(q_val, torch.Tensor) and isinstance(v_val, torch.Tensor):
@@ -357,7 +384,9 @@ def _rewrite_site(gm: fx.GraphModule, plan: SitePlan, cfg: FxditConfig, grid: tu
         vp = qp if v is q else kp if v is k else gather(v, kv_order_n)
         kv_valid = None
         if site.mask is not None:
-            kv_valid = _kv_valid(graph, nodes[site.mask], site, consts, kv_order, meta, old)
+            source = key_padding_source(nodes[site.mask], site.batch, site.kv_len)
+            assert source is not None  # _why_not checked it
+            kv_valid = _kv_valid(graph, source, site, consts, kv_order, meta, old)
         new = graph.call_function(torch.ops.fxdit.grouped_attention.default, (
             qp, kp, vp, groups_n, kv_groups_n, adj_n, *tab, kv_valid, scale, int(block_size)))
         density = gl.block_density(tables)

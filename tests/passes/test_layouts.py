@@ -403,3 +403,45 @@ def test_rows_written_with_different_layouts_leave_the_sequence_unknown(no_induc
                                     "on_pass_error": "raise"})
     report = rewrite_grouped_attention(fresh_copy(gm), cfg)
     assert report.rewritten == 0 and report.skipped == {R_RAGGED: 1}
+
+
+class ExpandedKeyPadding(ImageQueriesJointKeys):
+    """Joint ``[image | text]`` self-attention whose key-padding mask is broadcast to ``[B, H, S, S]`` first."""
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+        img = self.patch(x).flatten(2).transpose(1, 2)
+        seq = torch.cat([img, self.text_proj(text)], dim=1)
+        q, k, v = self.qkv(seq).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        ones = torch.ones_like(text_valid[:, :1]).expand(-1, img.shape[1])
+        valid = torch.cat([ones, text_valid], dim=1)
+        s = valid.shape[1]
+        mask = valid[:, None, None, :].expand(-1, self.heads, s, s)
+        if self.extra is not None:
+            mask = mask & self.extra
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def test_key_padding_mask_broadcast_over_heads_and_queries():
+    torch.manual_seed(0)
+    model = ExpandedKeyPadding().eval()
+    x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 6, 16)
+    valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    gm, inputs = _capture_kw(model, (x, text, valid), {})
+    cfg = FxditConfig.from_options({"attention": {"mode": "grat-b", "group": (2, 2), "radius": 1, "min_tokens": 0},
+                                    "on_pass_error": "raise"})
+    work = fresh_copy(gm)
+    report = rewrite_grouped_attention(work, cfg)
+    assert report.rewritten == 1
+    (op,) = [n for n in work.graph.nodes if n.target is OP]
+    assert op.args[10] is not None  # key validity from the mask's source
+    with torch.no_grad():
+        out = work(*inputs, *lifted_constants(work))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        dense = model(x, text, valid)
+        model.extra = grat_mask((8, 8), (2, 2), 1, 70, 0)
+        ref = model(x, text, valid)
+        model.extra = None
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert (out - dense).abs().max() > 1e-3
