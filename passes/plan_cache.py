@@ -142,8 +142,10 @@ def entry_factors(gm: fx.GraphModule, entry: dict[str, Any]) -> tuple[list[torch
     return bs, as_
 
 
-def _factor_keys(module: str, role: str, cfg: FxditConfig) -> tuple[str, ...]:
-    if role == "qkv" and cfg.cache.qkv == "separate":
+def _factor_keys(module: str, role: str, cfg: FxditConfig, out_features: int) -> tuple[str, ...]:
+    """Factor keys of a cached linear. A fused projection (role ``qkv``: q/k/v, or k/v alone) is factorised per
+    third with ``cache.qkv="separate"`` when its rows split in three, as calibration does; else as one."""
+    if role == "qkv" and cfg.cache.qkv == "separate" and out_features % len(QKV_PARTS) == 0:
         return tuple(f"{module}:{p}" for p in QKV_PARTS)
     return (module,)
 
@@ -287,7 +289,7 @@ def plan_cache(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
                 "keys": (), "ranks": (), "exact": False,
             }
             if factors is not None:
-                keys = _factor_keys(lin.module, lin.role, cfg)
+                keys = _factor_keys(lin.module, lin.role, cfg, lin.out_features)
                 pairs = [_get(factors, k) for k in keys]
                 if any(p is None for p in pairs):
                     raise FxditError(_missing_factors(factors, lin, block.index, keys, cfg))
