@@ -509,6 +509,7 @@ class Row:
             ``cached_blocks``, ``plan_skipped``, ``err_full``, ``err_cached``, ``error``).
         oracle: GRAT alone against the oracle, when GRAT rewrote sites (see :func:`_oracle_run`).
         seconds: wall time for the class.
+        commit: the checkout's HEAD when the class ran (``+dirty``: uncommitted changes under the fxdit sources).
     """
 
     cls: str
@@ -529,6 +530,7 @@ class Row:
     oracle: dict[str, Any] = field(default_factory=dict)
     inductor: bool = True
     seconds: float = 0.0
+    commit: str = ""
 
 
 def _fresh() -> None:
@@ -596,6 +598,21 @@ def _fxdit_error(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {_short(inner)}{where}"
 
 
+def checkout() -> str:
+    """The short HEAD of the checkout, ``+dirty`` when ``fxdit/``, ``passes/`` or ``kernels/`` have uncommitted
+    changes ("" outside a git checkout)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxdit", "passes", "kernels"], cwd=_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
+
+
 def wrong_tolerance(scale: float, inductor: bool) -> float:
     """The largest lossless ``|compiled − eager|`` that is rounding, not a wrong result.
 
@@ -619,7 +636,7 @@ def check_class(name: str, *, inductor: bool = True, lossy: bool = True, lossy_i
     import fxdit
 
     start = time.perf_counter()
-    row = Row(name, inductor=inductor)
+    row = Row(name, inductor=inductor, commit=checkout())
     try:
         model, _ = build_model(name, seed)
         row.layout, row.grid, args, kwargs, eager = find_inputs(model)
@@ -1065,6 +1082,10 @@ def _document(rows: list[Row], subset_rows: list[Row], a: argparse.Namespace) ->
               f"for video), {HEADS} heads × {HEAD_DIM} (hidden {HIDDEN}), 2 layers per kind (1 for the other layer "
               f"counts). The sweep ran {mode} in {total / 60:.1f} min (sum of the per-class times). A lossless error "
               f"above {wrong_tolerance(1.0, not a.no_inductor):g}·max(1, |y|) counts as a wrong result.")
+    commits = list(dict.fromkeys(r.commit or "unrecorded" for r in rows))
+    header += (f" fxdit checkout: {commits[0]}." if len(commits) == 1 else
+               f" The fxdit sources changed while the sweep ran: its rows ran at {', '.join(commits)} (in order; "
+               "the json records each row's).")
     text = format_table(rows, header) + _sections(rows)
     if subset_rows:
         text += ("\n## Inductor subset\n\nThe same lossless check with inductor compiling the rewritten graphs "
