@@ -107,6 +107,11 @@ def plan_hoisting(gm: fx.GraphModule, grid_rec: TokenGrid | None, grid: tuple[in
     flow = TokenFlow(gm, entry, entry_dim, n, site_nodes, internal, rewrite, nodes).run()
     if flow.failure is not None:
         return None, flow.failure
+    for p in plans:
+        # every rewritten site must see the permuted stream: a site fed from elsewhere (e.g. a buffer the stream
+        # was written into after leaving it in raster order) keeps per-site permutes
+        if p.node not in flow.tok:
+            return None, f"site {p.site.node} does not read the permuted token stream"
     cost = hoist_cost(flow)
     if cost >= PER_SITE_PERMUTES * len(plans):
         return None, (f"hoisting needs {cost} gathers (entry, {len(flow.exits)} exits, sides), per-site needs "

@@ -111,14 +111,15 @@ def test_register_tokens_beside_the_caption(order, image_start, spans):
 
 
 @contextlib.contextmanager
-def masked_sdpa(mask: torch.Tensor):
-    """Eager SDPA calls over ``mask.shape[0]`` query and key tokens get the boolean ``mask`` (the oracle)."""
+def masked_sdpa(*masks: torch.Tensor):
+    """Eager SDPA calls over ``S`` query and key tokens get the boolean ``[S, S]`` mask of that size (the oracle)."""
     orig = F.scaled_dot_product_attention
+    by_len = {m.shape[0]: m for m in masks}
 
     def sdpa(q, k, v, attn_mask=None, *args, **kwargs):
-        if q.shape[-2] == k.shape[-2] == mask.shape[0]:
+        if q.shape[-2] == k.shape[-2] and q.shape[-2] in by_len:
             assert attn_mask is None
-            attn_mask = mask
+            attn_mask = by_len[q.shape[-2]]
         return orig(q, k, v, attn_mask, *args, **kwargs)
 
     torch.nn.functional.scaled_dot_product_attention = sdpa
@@ -445,3 +446,50 @@ def test_key_padding_mask_broadcast_over_heads_and_queries():
         model.extra = None
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert (out - dense).abs().max() > 1e-3
+
+
+class RefinedJointSequence(BrokenJointSequence):
+    """An image-only refiner attention, then the joint sequence assembled row by row and two joint layers (Lumina2's
+    shape without the graph break): the refiner reads the token stream, the joint layers read the buffer."""
+
+    def _attend(self, seq: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(seq).chunk(3, dim=-1)
+        q, k, v = (y.unflatten(-1, (self.heads, -1)).transpose(1, 2) for y in (q, k, v))
+        return seq + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        img = self._attend(self.patch(x).flatten(2).transpose(1, 2))
+        t = self.text_proj(text)
+        b, n_txt, n_img = t.shape[0], t.shape[1], img.shape[1]
+        seq = img.new_zeros(b, n_txt + n_img, img.shape[2])
+        for i in range(b):
+            seq[i, :n_txt] = t[i]
+            seq[i, n_txt:] = img[i]
+        return self._attend(self._attend(self._attend(seq)))
+
+
+def test_sites_reading_a_buffer_filled_from_the_stream_are_not_hoisted():
+    torch.manual_seed(0)
+    model = RefinedJointSequence().eval()
+    x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 16)
+    gm, report = _rewrite_and_compare_masks(model, (x, text), [grat_mask((8, 8), (2, 2), 1, 64, 0),
+                                                               grat_mask((8, 8), (2, 2), 1, 69, 5)])
+    assert report.rewritten == 4
+    assert not report.details["hoisted"] and "does not read the permuted token stream" in report.details["hoist_reason"]
+
+
+def _rewrite_and_compare_masks(model, args, masks):
+    gm, inputs = _capture_kw(model, args, {})
+    cfg = FxditConfig.from_options({"attention": {"mode": "grat-b", "group": (2, 2), "radius": 1, "min_tokens": 0},
+                                    "on_pass_error": "raise"})
+    work = fresh_copy(gm)
+    report = rewrite_grouped_attention(work, cfg)
+    with torch.no_grad():
+        out = work(*inputs, *lifted_constants(work))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        dense = _first(model(*args))
+        with masked_sdpa(*masks):
+            ref = _first(model(*args))
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-4)
+    assert (out - dense).abs().max() > 1e-3
+    return gm, report
