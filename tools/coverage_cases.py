@@ -429,7 +429,8 @@ CASES: dict[str, Case] = {
               "cap_feat_dim": 24, "injection_layer_ids": (1,), "perceiver_num_layers": 1, "min_num_gist_tokens": 4,
               "max_num_gist_tokens": 8, "gist_step": 4, "gist_min_text_len": 4, "gist_max_text_len": 16,
               "axes_dims": (4, 6, 6), "axes_lens": (16, 16, 16)},
-        inputs=_bria_fibo2, grid=IMG, text="after", source=_T.format("bria_fibo2")),
+        inputs=_bria_fibo2, grid=IMG, text="after", image_start=8, source=_T.format("bria_fibo2"),
+        notes=("one stream [8 gist tokens (6 text tokens), image, context]",)),
     "CogVideoXTransformer3DModel": Case(
         init={"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 4,
               "time_embed_dim": 2, "text_embed_dim": 8, "num_layers": 2, "sample_width": 16, "sample_height": 16,
