@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 #: Sub-keys of the separate q/k/v factorisation of a fused qkv weight, in row order of the weight.
 QKV_PARTS = ("q", "k", "v")
 
+#: Skip reason of a graph that runs functorch's vmap inline.
+R_VMAP = "graph runs torch.vmap inline (e.g. a FlexAttention block mask built in the forward): no caching"
+
 #: Call targets that mark a sinusoidal timestep embedding.
 #: What a full step records per cached linear, by plan form: ``"x"`` keeps the linear's input X and output Y
 #: (a cached step computes ``Y_c + (X - X_c)·Bᵀ·Aᵀ``); ``"projcache"`` keeps ``Z = X·Bᵀ`` instead of X
@@ -251,6 +254,13 @@ def plan_cache(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
     state = fxdit_meta(gm)
     cc = cfg.cache
     if not cc.enabled:
+        state["cache_plan"] = None
+        return rb.build()
+    if any(n.op == "call_function" and getattr(n.target, "__name__", "") == "_vmap_increment_nesting"
+           for n in gm.graph.nodes):
+        # the graph runs a vmapped function inline (e.g. a FlexAttention block mask built in the forward); a
+        # recorded cache tensor could be a batched tensor of that transform, which must not outlive the call
+        rb.skip(R_VMAP)
         state["cache_plan"] = None
         return rb.build()
     blocks = state.get("blocks") or []

@@ -399,3 +399,31 @@ def test_cache_off_plans_nothing(tiny):
     report = plan_cache(work, FxditConfig.from_options({"cache": {"mode": "reuse", "schedule": "none"}}))
     assert fxdit_meta(work)["cache_plan"] is None and report.matched == 0
     assert isinstance(work, fx.GraphModule)
+
+
+def test_graph_running_vmap_inline_is_not_cached():
+    """A forward that runs ``torch.vmap`` inline (as FlexAttention's block-mask construction does) gets no cache
+    plan, with the reason, instead of cache tensors that could be batched tensors of the transform."""
+    from fxdit.passes.plan_cache import R_VMAP
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            w = torch.vmap(lambda r: r * 2)(x)
+            return self.lin(w)
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(M(), backend=record, fullgraph=True)(torch.randn(3, 8))
+    torch._dynamo.reset()
+    (gm,) = graphs
+    report = plan_cache(gm, FxditConfig.from_options({"cache": {"mode": "reuse", "schedule": {"period": 2}}}))
+    assert report.skipped == {R_VMAP: 1} and fxdit_meta(gm)["cache_plan"] is None
