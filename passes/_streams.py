@@ -253,7 +253,8 @@ def _grid_from_tokens(spatial: tuple[int, ...], n_tok: int) -> tuple[tuple[int, 
 
 
 def record_position_ids(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Keep the values of small position-id inputs (``(N, 3)`` or ``(B, N, 3)``, e.g. Flux's ``img_ids``).
+    """Keep the values of small integer position-id inputs (``(N, k)`` or ``(B, N, k)``, ``k`` of 2 to 4 axes, e.g.
+    Flux's ``img_ids`` ``(N, 3)`` or Flux 2's ``(N, 4)``).
 
     Packed-latent models (Flux) show their token grid only in these values, which a pass cannot read from
     FakeTensor metadata. Callers that hold the real example inputs (``fxdit.analysis``, the backend) call this
@@ -264,7 +265,8 @@ def record_position_ids(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> No
     for node, value in zip(placeholders, example_inputs):
         if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter) or is_param(node):
             continue
-        if value.dim() in (2, 3) and value.shape[-1] == 3 and value.numel() <= 3 * 2**20:
+        if value.dim() in (2, 3) and 2 <= value.shape[-1] <= 4 and value.numel() <= 4 * 2**20 and (
+                not value.is_floating_point() or bool((value == value.round()).all())):
             try:
                 ids[node.name] = value.detach().to("cpu", copy=True)
             except RuntimeError:  # fake or meta tensors: nothing to keep
@@ -274,14 +276,27 @@ def record_position_ids(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> No
 
 
 def _ids_grid(gm: fx.GraphModule, n_tok: int) -> TokenGrid | None:
+    """The grid position ids show for ``n_tok`` tokens: the axes whose ids vary (at most three), when the tokens are
+    in raster order of those axes (a permuted order gives no grid: GRAT would group the wrong tokens)."""
     ids = fxdit_meta(gm).get("position_ids") or {}
     for value in ids.values():
         v = value[0] if value.dim() == 3 else value
         if v.shape[0] != n_tok:
             continue
-        extent = tuple(int(torch.unique(v[:, i]).numel()) for i in range(3))
-        if math.prod(extent) == n_tok:
-            return TokenGrid(shape=extent, source="ids")  # type: ignore[arg-type]
+        ranks = []
+        for i in range(v.shape[1]):
+            uniq, inverse = torch.unique(v[:, i], return_inverse=True)
+            if uniq.numel() > 1:
+                ranks.append((int(uniq.numel()), inverse))
+        if not 1 <= len(ranks) <= 3 or math.prod(e for e, _ in ranks) != n_tok:
+            continue
+        linear = torch.zeros(n_tok, dtype=torch.int64)
+        for extent, inverse in ranks:
+            linear = linear * extent + inverse
+        if not torch.equal(linear, torch.arange(n_tok)):
+            continue
+        extent = (1,) * (3 - len(ranks)) + tuple(e for e, _ in ranks)
+        return TokenGrid(shape=extent, source="ids")  # type: ignore[arg-type]
     return None
 
 

@@ -493,3 +493,19 @@ def _rewrite_and_compare_masks(model, args, masks):
     torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-4)
     assert (out - dense).abs().max() > 1e-3
     return gm, report
+
+
+@pytest.mark.parametrize("axes", [3, 4])
+def test_position_ids_give_the_grid_only_in_raster_order(axes):
+    from fxdit.passes._streams import _ids_grid
+
+    gm = torch.fx.symbolic_trace(nn.Identity())
+    h, w = torch.meshgrid(torch.arange(4), torch.arange(6), indexing="ij")
+    cols = [torch.zeros(24, dtype=torch.int64), h.reshape(-1), w.reshape(-1)]
+    if axes == 4:
+        cols.append(torch.zeros(24, dtype=torch.int64))  # Flux 2's fourth axis
+    raster = torch.stack(cols, dim=1)
+    fxdit_meta(gm)["position_ids"] = {"img_ids": raster}
+    assert _ids_grid(gm, 24).shape == (1, 4, 6)
+    fxdit_meta(gm)["position_ids"] = {"img_ids": raster[torch.randperm(24, generator=torch.Generator().manual_seed(0))]}
+    assert _ids_grid(gm, 24) is None  # tokens not in raster order: no grid rather than a wrong one
