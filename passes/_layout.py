@@ -237,6 +237,10 @@ class Propagator:
         if k == "split":
             self._visit_split(node)
             return None
+        if k == "flex_attention":  # (out, logsumexp): the output keeps the query's layout
+            q = node.args[0] if node.args else None
+            self.pieces[node] = [self.layouts.get(q) if isinstance(q, fx.Node) else None, None]
+            return None
         if k == "getitem":
             src = node.args[0]
             if isinstance(src, fx.Node) and src in self.pieces:

@@ -80,6 +80,8 @@ OP_TABLE: tuple[tuple[tuple[Any, ...], str, str | None], ...] = (
     (("repeat", torch.broadcast_to), "broadcast", None),
     (("size", "dim", "numel", "get_device", getattr), "metadata", "metadata"),
     ((torch.einsum,), "einsum", None),
+    (tuple(op for op in (getattr(torch.ops.higher_order, "flex_attention", None),) if op is not None),
+     "flex_attention", None),
 )
 
 #: ``call_function`` targets → kind, and ``call_method`` names → kind (derived from :data:`OP_TABLE`; a kind

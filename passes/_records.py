@@ -34,7 +34,8 @@ class AttentionSite:
             ``"unfused"``, ``"unfused_prescaled"``...).
         nodes: names of every node that makes up the site (one for SDPA; the matmul/softmax chain for unfused).
         q, k, v: names of the nodes that feed the attention as q, k, v (layout B, H, S, D).
-        mask: names of the mask node or ``None``; ``mask_kind`` is ``"none"``, ``"bool"`` or ``"float"``.
+        mask: names of the mask node or ``None``; ``mask_kind`` is ``"none"``, ``"bool"``, ``"float"`` or ``"flex"``
+            (a ``flex_attention`` call: its own score_mod and block mask).
         batch, heads, kv_heads, q_len, kv_len, head_dim: shapes at trace time.
         scale: the softmax scale (``None`` means the default 1/sqrt(head_dim)).
         dropout: dropout probability; ``causal``: the causal flag; ``enable_gqa``: SDPA's GQA flag.

@@ -24,6 +24,7 @@ refers to).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -396,6 +397,17 @@ def collect_sites(gm: fx.GraphModule, cfg: Any, rb: ReportBuilder | None = None)
                     site = _site(node, form, (node.name,), q, key, v, mask=params["attn_mask"],
                                  scale=_scalar(scale), dropout=params["dropout_p"], causal=params["is_causal"],
                                  gqa=params["enable_gqa"], streams=streams)
+        elif k == "flex_attention":
+            out = next((u for u in node.users if kind(u) == "getitem" and len(u.args) > 1 and u.args[1] == 0), None)
+            q, key, v = (node.args[i] if len(node.args) > i else None for i in range(3))
+            if out is None or not all(isinstance(x, fx.Node) for x in (q, key, v)):
+                site = "flex_attention output or q/k/v not graph values"
+            else:
+                site = _site(out, "flex_attention", (node.name, out.name), q, key, v, mask=None, scale=None,
+                             dropout=0.0, causal=False, gqa=False, streams=streams)
+                if isinstance(site, AttentionSite):
+                    # the model's own score_mod and block mask decide what each query sees
+                    site = dataclasses.replace(site, mask_kind="flex")
         elif k == "matmul" and node.name not in claimed:
             facts, reason = match_unfused(node)
             if facts is None:

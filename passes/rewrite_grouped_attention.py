@@ -93,6 +93,7 @@ R_FLOAT_MASK = "additive (float) mask stays dense"
 R_BOOL_MASK = "bool mask is not a key-padding mask"
 R_LAYOUT = "layout not BHSD"
 R_GONE = "site not in the graph (already rewritten)"
+R_FLEX = "flex_attention with the model's own score_mod / block mask stays as is"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,6 +171,8 @@ def _why_not(site: AttentionSite, grid: tuple[int, ...] | None, cfg: FxditConfig
         return R_DENSE
     if att.layers is not None and (site.block is None or site.block not in att.layers):
         return R_LAYER
+    if site.form == "flex_attention":
+        return R_FLEX
     if site.cross:
         return R_CROSS
     if site.layout != "BHSD":

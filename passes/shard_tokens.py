@@ -77,6 +77,7 @@ R_NO_ENTRY = "no patch-embedding node to shard after"
 R_PER_SITE = "grouped attention permutes per site (not hoisted): no group-ordered stream to shard"
 R_ROWS = "fewer rows than ranks"
 R_MASK = "masked, causal or dropout self-attention cannot be sharded"
+R_FLEX = "flex_attention sites: the model's block mask covers the whole sequence"
 R_KV_VALID = "grouped attention with a key-padding mask (kv_valid) cannot be sharded"
 R_HEADS = "heads not divisible by the number of ranks (Ulysses)"
 R_SHAPES = "token count in a shape argument could not be rewritten"
@@ -218,6 +219,9 @@ def shard_tokens(gm: fx.GraphModule, cfg: FxditConfig) -> PassReport:
     a_tok, n_loc = bands[rank][0] * row_tokens, counts[rank]
     delta = n - n_loc
 
+    if any(s.form == "flex_attention" for s in (state.get("attention_sites") or [])):
+        rb.skip(R_FLEX)
+        return rb.build()
     sites = {nodes[s.node]: s for s in (state.get("attention_sites") or []) if s.node in nodes}
     internal = {nodes[m] for s in sites.values() for m in s.nodes if m in nodes and m != s.node}
     flow = _ShardFlow(gm, entry, entry_dim, n, sites, internal, set(), nodes).run()

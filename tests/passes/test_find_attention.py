@@ -421,3 +421,55 @@ def test_aten_sdpa_on_a_graph_with_val_meta():
     (s,) = fxdit_meta(gm)["attention_sites"]
     assert report.matched == 1 and s.form == "sdpa_positional" and s.causal and s.scale == 0.3
     assert (s.heads, s.q_len, s.head_dim) == (2, 6, 4)
+
+
+def test_flex_attention_call_is_a_site_left_to_its_own_block_mask():
+    from fxdit.passes.find_blocks import find_blocks
+    from fxdit.passes.rewrite_grouped_attention import R_FLEX, rewrite_grouped_attention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from fxdit.config import FxditConfig
+
+    mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 128, 128, device="cpu")
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+
+        def forward(self, h):
+            q, k, v = (t.unflatten(-1, (2, 16)).transpose(1, 2) for t in self.qkv(h).chunk(3, -1))
+            return h + self.out(flex_attention(q, k, v, block_mask=mask).transpose(1, 2).flatten(2))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = torch.nn.Conv2d(4, 32, 1)
+            self.blocks = torch.nn.ModuleList([Attn()])
+
+        def forward(self, x):
+            h = self.patch(x).flatten(2).transpose(1, 2)
+            for blk in self.blocks:
+                h = blk(h)
+            return h
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(Block().eval(), backend=record)(torch.randn(1, 4, 8, 16))
+    torch._dynamo.reset()
+    (gm,) = graphs
+    cfg = FxditConfig.from_options({"attention": {"mode": "grat-b", "group": (2, 2), "min_tokens": 0}})
+    find_attention(gm, cfg)
+    find_blocks(gm, cfg)
+    (site,) = fxdit_meta(gm)["attention_sites"]
+    assert (site.form, site.mask_kind, site.span_source, site.image_span) == ("flex_attention", "flex", "self",
+                                                                             (0, 128))
+    roles = sorted(lin.role for b in fxdit_meta(gm)["blocks"] for lin in b.linears)
+    assert roles == ["attn_out", "qkv"]
+    assert rewrite_grouped_attention(gm, cfg).skipped == {R_FLEX: 1}
