@@ -20,7 +20,8 @@ Every row is measured the same way (:func:`measure`): a private copy of the tran
 ``torch.compile``-d after the peer is applied), one warm-up sampling run, then ``repeats`` timed runs from the same
 noise (wall time: median and spread), PSNR/SSIM of the images against the full computation from the same noise,
 class accuracy with the shipped digit classifier, Dynamo's graph breaks and recompiles over the runs (from Dynamo's
-counters), and, for eager rows, the share of transformer blocks and of attention calls that really ran. A peer that
+counters), and, for eager rows, the share of transformer blocks and of attention calls that really ran (counted
+during the warm-up run). A peer that
 cannot be built or run gets a row whose ``error`` is the exception it raised (type and message).
 
 Example::
@@ -639,7 +640,10 @@ class Bench:
                     first.update(_dynamo_counts())
                 return out
 
-            self._sample(fn, built.run_context, f"{spec.name} (warm-up)")
+            if not compiled and shares:  # eager: the warm-up run (untimed) also counts what ran
+                row.blocks_run, row.attention_run = self._run_shares(built)
+            else:
+                self._sample(fn, built.run_context, f"{spec.name} (warm-up)")
             load0 = os.getloadavg()[0]
             images = None
             for i in range(reps):
@@ -652,8 +656,6 @@ class Bench:
                 row.graph_breaks = after["graph_breaks"] - before["graph_breaks"]
                 row.graphs = after["graphs"] - before["graphs"]
                 row.recompiles = after["frames"] - first.get("frames", before["frames"])
-            if not compiled and shares:
-                row.blocks_run, row.attention_run = self._run_shares(built)
             assert images is not None
             if not torch.isfinite(images).all():
                 raise FxditError("the samples contain NaN/Inf")
@@ -673,29 +675,45 @@ class Bench:
         return row
 
     def _run_shares(self, built: _Built) -> tuple[float, float]:
-        """Share of block calls and attention calls that ran over one more sampling run."""
+        """Share of block calls and attention calls that ran over one sampling run (the warm-up of eager rows)."""
         with _count_calls(built.module) as counts:
             self._sample(built.fn, built.run_context, "counting")
         n_blocks, n_attn = _block_counts(built.module)
         calls = self.settings.steps
         return counts["blocks"] / max(1, n_blocks * calls), counts["attention"] / max(1, n_attn * calls)
 
-    def match(self, spec: PeerSpec, target_s: float, *, compiled: bool = False) -> PeerSpec:
-        """The setting of ``spec``'s :data:`MATCH_KNOBS` knob whose timed run (one, eager unless ``compiled``) is
-        closest to ``target_s``; ``spec`` itself when it has no knob or every setting fails."""
+    def time_once(self, spec: PeerSpec) -> float:
+        """Wall time of one eager sampling run of ``spec`` (no warm-up, no scoring): the cheap probe of
+        :meth:`match`.
+
+        Raises:
+            Exception: whatever the peer raises.
+        """
+        built = self.build(spec, compiled=False)
+        t0 = time.perf_counter()
+        self._sample(built.fn, built.run_context, spec.name)
+        return time.perf_counter() - t0
+
+    def match(self, spec: PeerSpec, target_s: float) -> tuple[PeerSpec, dict[Any, float]]:
+        """The setting of ``spec``'s :data:`MATCH_KNOBS` knob whose eager run (one, timed by :meth:`time_once`)
+        is closest to ``target_s``, and the time of every setting tried (a setting that raised is left out).
+        ``spec`` itself when it has no knob or every setting raised."""
         if spec.name not in MATCH_KNOBS:
-            return spec
+            return spec, {}
         knob, values = MATCH_KNOBS[spec.name]
+        tried: dict[Any, float] = {}
         best: tuple[float, PeerSpec] | None = None
         for value in values:
             cand = spec.with_settings(f"{spec.name} (matched)", **{knob: value})
-            row = self.measure(cand, compiled=compiled, repeats=1, shares=False)
-            if row.error is not None or row.median_s is None:
+            try:
+                tried[value] = self.time_once(cand)
+            except Exception as exc:  # a setting the peer rejects is skipped
+                log.warning("%s=%r: %s", knob, value, _error_text(exc))
                 continue
-            gap = abs(row.median_s - target_s)
+            gap = abs(tried[value] - target_s)
             if best is None or gap < best[0]:
                 best = (gap, cand)
-        return best[1] if best is not None else spec
+        return (best[1] if best is not None else spec), tried
 
 
 class _Sink:
@@ -718,8 +736,8 @@ def format_markdown(rows: Sequence[Row], baseline: str | None = None) -> str:
     """A markdown table of rows (errors in their own column); ``baseline``: the row name speedups refer to."""
     base = next((r.median_s for r in rows if r.name == baseline and r.median_s), None)
     head = ("| row | compiled | median s | spread s | speedup | PSNR dB | SSIM | class acc | blocks run | attn run "
-            "| graph breaks | recompiles | settings | error |")
-    lines = [head, "|" + "---|" * 14]
+            "| graph breaks | recompiles | settings | error | notes |")
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         speed = base / r.median_s if base and r.median_s else None
         settings = ", ".join(f"{k}={v}" for k, v in r.settings.items() if k != "cache") or "–"
@@ -730,5 +748,6 @@ def format_markdown(rows: Sequence[Row], baseline: str | None = None) -> str:
             f"| {r.name} | {'yes' if r.compiled else 'no'} | {_fmt(r.median_s, '.2f')} | {_fmt(r.spread_s, '.2f')} "
             f"| {_fmt(speed, '.2f')}x | {_fmt(r.psnr_db, '.1f')} | {_fmt(r.ssim, '.3f')} "
             f"| {_fmt(r.class_accuracy, '.2f')} | {_fmt(r.blocks_run, '.2f')} | {_fmt(r.attention_run, '.2f')} "
-            f"| {_fmt(r.graph_breaks, 'd')} | {_fmt(r.recompiles, 'd')} | {settings.replace('|', '/')} | {err} |")
+            f"| {_fmt(r.graph_breaks, 'd')} | {_fmt(r.recompiles, 'd')} | {settings.replace('|', '/')} | {err} "
+            f"| {r.notes.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
