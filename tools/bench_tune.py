@@ -55,6 +55,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--per-class", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the full computation (default 50)")
     ap.add_argument("--finalists", type=int, default=3, help="tuner finalists (default %(default)s)")
     ap.add_argument("--budget", type=float, default=600.0, help="tuner screen budget in s (default %(default)s)")
     ap.add_argument("--out", default="/tmp/fxdit_bench_tune")
@@ -68,7 +69,7 @@ def main() -> int:
     from fxdit.apps.quality import SampleScorer, psnr, ssim
 
     space = tuning.QUICK_SPACE if args.quick else tuning.TuneSpace()
-    settings = tuning.TuneSettings(finalists=args.finalists, budget_s=args.budget)
+    settings = tuning.TuneSettings(steps=args.steps, finalists=args.finalists, budget_s=args.budget)
     loaded = sampling.load_dit("demo-dit")
     runs = []
     for i in (1, 2):
