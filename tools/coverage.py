@@ -1084,8 +1084,8 @@ def _document(rows: list[Row], subset_rows: list[Row], a: argparse.Namespace) ->
               f"above {wrong_tolerance(1.0, not a.no_inductor):g}·max(1, |y|) counts as a wrong result.")
     commits = list(dict.fromkeys(r.commit or "unrecorded" for r in rows))
     header += (f" fxdit checkout: {commits[0]}." if len(commits) == 1 else
-               f" The fxdit sources changed while the sweep ran: its rows ran at {', '.join(commits)} (in order; "
-               "the json records each row's).")
+               f" The fxdit sources changed while the sweep ran: its rows ran at {', '.join(commits)} (the json "
+               "records each row's).")
     text = format_table(rows, header) + _sections(rows)
     if subset_rows:
         text += ("\n## Inductor subset\n\nThe same lossless check with inductor compiling the rewritten graphs "
