@@ -19,7 +19,7 @@ from fxdit.passes._fx_utils import fake_value
 
 __all__ = ["OP_TABLE", "TOKEN_RULES", "ARITH", "arith", "token_rule", "FUNCTION_KINDS", "METHOD_KINDS",
            "INPUT_NAME_HINTS", "PASS_THROUGH", "kind", "tensor_args", "is_param", "shape_of", "static_size", "ndim",
-           "dim_index", "arg_of"]
+           "dim_index", "arg_of", "linear_input", "linear_weight", "linear_bias"]
 
 _aten = torch.ops.aten
 
@@ -225,3 +225,18 @@ def arg_of(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
     if len(node.args) > pos:
         return node.args[pos]
     return node.kwargs.get(name, default)
+
+
+def linear_input(node: fx.Node) -> Any:
+    """The input argument of a linear node (positional or keyword)."""
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def linear_weight(node: fx.Node) -> Any:
+    """The weight argument of a linear node."""
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+
+
+def linear_bias(node: fx.Node) -> Any:
+    """The bias argument of a linear node (``None`` when absent)."""
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
+from fxdit.passes._adapters import Adapter, find_adapters, without_adapters
 from fxdit.passes._base import PassReport, ReportBuilder, declares
 from fxdit.passes._dataflow import (
     Streams,
@@ -54,8 +55,8 @@ from fxdit.passes._dataflow import (
     trace_back,
     trace_forward,
 )
-from fxdit.passes._fx_utils import fresh_copy, fxdit_meta, module_path, node_meta
-from fxdit.passes._ops import arith
+from fxdit.passes._fx_utils import fxdit_meta, module_path, node_meta
+from fxdit.passes._ops import linear_bias, linear_input, linear_weight
 from fxdit.passes._records import AttentionSite, BlockInfo, LinearInfo, TokenGrid
 
 __all__ = ["find_blocks", "analyse_blocks", "find_adapters", "Adapter", "ROLE_RULES"]
@@ -94,16 +95,7 @@ def _tokens(node: Any) -> int:
     return t
 
 
-def _linear_input(node: fx.Node) -> Any:
-    return node.args[0] if node.args else node.kwargs.get("input")
 
-
-def _linear_weight(node: fx.Node) -> Any:
-    return node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-
-
-def _linear_bias(node: fx.Node) -> Any:
-    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
 
 
 def _role_qkv(lin: fx.Node, facts: _BlockFacts) -> str | None:
@@ -130,7 +122,7 @@ def _role_attn_out(lin: fx.Node, facts: _BlockFacts) -> str | None:
 
 
 def _role_modulation(lin: fx.Node, facts: _BlockFacts) -> str | None:
-    if _tokens(_linear_input(lin)) != 1:
+    if _tokens(linear_input(lin)) != 1:
         return None
     out = shape_of(lin)
     if out is None or not facts.hidden:
@@ -141,9 +133,9 @@ def _role_modulation(lin: fx.Node, facts: _BlockFacts) -> str | None:
 
 
 def _is_mlp_in(lin: fx.Node) -> bool:
-    if _tokens(_linear_input(lin)) == 1:
+    if _tokens(linear_input(lin)) == 1:
         return False
-    s_in, s_out = shape_of(_linear_input(lin)), shape_of(lin)
+    s_in, s_out = shape_of(linear_input(lin)), shape_of(lin)
     if s_in is None or s_out is None or s_out[-1] <= s_in[-1]:
         return False
     return bool(trace_forward(lin, through=TO_ACT_THROUGH, stop=frozenset({"activation"}), limit=30))
@@ -154,7 +146,7 @@ def _role_mlp_in(lin: fx.Node, facts: _BlockFacts) -> str | None:
 
 
 def _role_mlp_out(lin: fx.Node, facts: _BlockFacts) -> str | None:
-    if _tokens(_linear_input(lin)) == 1:
+    if _tokens(linear_input(lin)) == 1:
         return None
     return "mlp_out" if _reads_mlp_activation(lin) else None
 
@@ -179,7 +171,7 @@ def _block_facts(path: str, sites: list[AttentionSite], by_name: dict[str, fx.No
             start = by_name[getattr(site, role)]
             for lin in trace_back(start, through=QKV_THROUGH, stop=frozenset({"linear"})):
                 qkv_roles.setdefault(lin, set()).add(role)
-                s_in = shape_of(_linear_input(lin))
+                s_in = shape_of(linear_input(lin))
                 if role == "q" and s_in is not None and not hidden:
                     hidden = s_in[-1]
         out = by_name[site.node]
@@ -202,7 +194,7 @@ def _block_facts(path: str, sites: list[AttentionSite], by_name: dict[str, fx.No
 
 
 def _stream(node: fx.Node, streams: Streams) -> str:
-    lay = streams.layout(_linear_input(node))
+    lay = streams.layout(linear_input(node))
     if lay is None:
         return "joint"
     s = lay.streams
@@ -211,119 +203,6 @@ def _stream(node: fx.Node, streams: Streams) -> str:
     if s == {"text"}:
         return "text"
     return "joint"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Low-rank adapters (unfused LoRA)
-# ---------------------------------------------------------------------------------------------------------------
-
-#: Kinds allowed between an adapter's input and the base linear's input (PEFT's ``lora_dropout``, dtype casts).
-ADAPTER_INPUT_THROUGH = frozenset({"dropout", "cast"})
-#: Call targets that scale the adapter's output by a Python number (PEFT's ``* scaling``), and the add joining it
-#: to the base output.
-#: Arithmetic (``_ops.arith``) of the ops allowed between an adapter's up projection and its add: a scale.
-ADAPTER_SCALE_KINDS = frozenset({"mul", "div"})
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """One unfused low-rank adapter ``out = base(x) + up(down(x')) · scale`` (``x'``: ``x`` after dropout/casts).
-
-    Attributes:
-        base, down, up: names of the base linear, the down projection (``lora_A``) and the up projection
-            (``lora_B``).
-        add: name of the add node whose value is the adapted output.
-        rest: name of the add's other operand (the base output, or the sum of an earlier adapter of ``base``).
-        rank: the adapter's rank (``down``'s output width).
-    """
-
-    base: str
-    down: str
-    up: str
-    add: str
-    rest: str
-    rank: int
-
-
-def _strip(node: Any, through: frozenset[str]) -> Any:
-    while isinstance(node, fx.Node) and kind(node) in through and node.args:
-        node = node.args[0]
-    return node
-
-
-def _weight_shape(lin: fx.Node) -> tuple[int, ...] | None:
-    s = shape_of(_linear_weight(lin))
-    return tuple(s) if s is not None and len(s) == 2 else None
-
-
-def _scaled_sum(up: fx.Node) -> tuple[fx.Node, Any] | None:
-    """From the up projection forward through ``* number`` / casts to the add: ``(add, other operand)``."""
-    cur = up
-    for _ in range(4):
-        if len(cur.users) != 1:
-            return None
-        user = next(iter(cur.users))
-        if arith(user) == "add" and len(user.args) == 2:
-            other = user.args[1] if user.args[0] is cur else user.args[0]
-            return user, other
-        if kind(user) == "cast" or (arith(user) in ADAPTER_SCALE_KINDS and len(user.args) == 2 and user.args[0] is cur
-                                    and isinstance(user.args[1], (int, float)) and not isinstance(user.args[1], bool)):
-            cur = user
-            continue
-        return None
-    return None
-
-
-def find_adapters(gm: fx.GraphModule) -> list[Adapter]:
-    """The unfused low-rank adapters of ``gm``, matched from the dataflow (see the module docstring).
-
-    An ``up(down(x'))`` pair qualifies when ``down``'s width ``r`` is below both the input and the output width,
-    its scaled output is added to a linear whose weight has the shape ``(up.out, down.in)`` and whose input is
-    ``x'`` before dropout/casts. Several adapters on one linear chain their adds (PEFT adds them one by one).
-    """
-    found: list[Adapter] = []
-    for up in gm.graph.nodes:
-        if kind(up) != "linear":
-            continue
-        down = _strip(_linear_input(up), ADAPTER_INPUT_THROUGH)
-        if not isinstance(down, fx.Node) or kind(down) != "linear":
-            continue
-        ws_up, ws_down = _weight_shape(up), _weight_shape(down)
-        if ws_up is None or ws_down is None or ws_up[1] != ws_down[0]:
-            continue
-        rank, d_in, d_out = ws_down[0], ws_down[1], ws_up[0]
-        if not rank < min(d_in, d_out):
-            continue
-        joined = _scaled_sum(up)
-        if joined is None:
-            continue
-        add, other = joined
-        base = other
-        while isinstance(base, fx.Node) and (arith(base) == "add" or kind(base) == "cast") and base.args:
-            base = base.args[0]  # earlier adapters of the same linear: result = result + ...
-        if not isinstance(base, fx.Node) or kind(base) != "linear" or _weight_shape(base) != (d_out, d_in):
-            continue
-        x_base = _strip(_linear_input(base), ADAPTER_INPUT_THROUGH)
-        x_down = _strip(_linear_input(down), ADAPTER_INPUT_THROUGH)
-        if x_base is not x_down:
-            continue
-        if not isinstance(other, fx.Node):
-            continue
-        found.append(Adapter(base.name, down.name, up.name, add.name, other.name, rank))
-    return found
-
-
-def _without_adapters(gm: fx.GraphModule, adapters: list[Adapter]) -> fx.GraphModule:
-    """A copy of ``gm`` where each adapted output is the base linear's output (the adapter pairs dangle)."""
-    view = fresh_copy(gm)
-    nodes = {n.name: n for n in view.graph.nodes}
-    rest = {a.add: a.rest for a in adapters}
-    for a in adapters:
-        target = a.rest
-        while target in rest:  # an earlier adapter's sum of the same base: down to the base output
-            target = rest[target]
-        nodes[a.add].replace_all_uses_with(nodes[target])
-    return view
 
 
 def analyse_blocks(gm: fx.GraphModule, cfg: Any,
@@ -340,7 +219,7 @@ def analyse_blocks(gm: fx.GraphModule, cfg: Any,
         from fxdit.passes.find_attention import find_attention
 
         find_attention(gm, cfg)
-    view = _without_adapters(gm, adapters)
+    view = without_adapters(gm, adapters)
     blocks, grid = _analyse_blocks(view, cfg, rb)
     where = {s.node: s.block for s in (fxdit_meta(view).get("attention_sites") or [])}
     for site in state.get("attention_sites") or []:
@@ -393,8 +272,8 @@ def _analyse_blocks(gm: fx.GraphModule, cfg: Any,
                 if r is not None:
                     role = r
                     break
-            w = _linear_weight(lin)
-            b_ = _linear_bias(lin)
+            w = linear_weight(lin)
+            b_ = linear_bias(lin)
             ws = shape_of(w)
             if ws is None or len(ws) != 2:
                 if rb is not None:
@@ -404,7 +283,7 @@ def _analyse_blocks(gm: fx.GraphModule, cfg: Any,
                 node=lin.name, module=module_path(lin), role=role, block=index,
                 in_features=ws[1], out_features=ws[0],
                 weight=w.name if isinstance(w, fx.Node) else "", bias=b_.name if isinstance(b_, fx.Node) else None,
-                tokens=_tokens(_linear_input(lin)), stream=_stream(lin, streams),
+                tokens=_tokens(linear_input(lin)), stream=_stream(lin, streams),
             ))
         kinds = {i.stream for i in infos if i.tokens > 1}
         if not ({"image", "text"} <= kinds):
