@@ -80,6 +80,7 @@ OP_TABLE: tuple[tuple[tuple[Any, ...], str, str | None], ...] = (
     (("repeat", torch.broadcast_to), "broadcast", None),
     (("size", "dim", "numel", "get_device", getattr), "metadata", "metadata"),
     ((torch.einsum,), "einsum", None),
+    ((F.unfold,), "im2col", None),
     (tuple(op for op in (getattr(torch.ops.higher_order, "flex_attention", None),) if op is not None),
      "flex_attention", None),
 )

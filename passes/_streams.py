@@ -204,6 +204,25 @@ def _frames_in_batch(latent: fx.Node, conv_out: Sequence[int]) -> int | None:
     return frames if frames in (s[1], s[2]) and frames > 1 else None
 
 
+def _einsum_permute(node: fx.Node) -> bool:
+    """An ``einsum`` of one operand that only permutes its dims (``"nchpwq->nhwcpq"``)."""
+    if kind(node) != "einsum" or len(node.args) != 2 or not isinstance(node.args[0], str):
+        return False
+    lhs, _, rhs = node.args[0].replace(" ", "").partition("->")
+    return bool(rhs) and lhs.isalpha() and len(set(lhs)) == len(lhs) and sorted(lhs) == sorted(rhs)
+
+
+def _non_overlapping(node: fx.Node) -> bool:
+    """An im2col (``F.unfold``) whose patches tile the input: stride equal to the kernel, no padding or dilation."""
+    kernel, stride = arg_of(node, 1, "kernel_size"), arg_of(node, 4, "stride", 1)
+    dilation, padding = arg_of(node, 2, "dilation", 1), arg_of(node, 3, "padding", 0)
+    return _pair(kernel) == _pair(stride) and _pair(dilation) == (1, 1) and _pair(padding) == (0, 0)
+
+
+def _pair(v: Any) -> tuple[Any, ...]:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
 def _unfold_grid(gm: fx.GraphModule) -> tuple[TokenGrid, fx.Node] | None:
     """Patchify by reshape/permute (or ``unfold``) of a 4-D/5-D latent input into ``(B, N, C·p·p)`` tokens."""
     for node in gm.graph.nodes:
@@ -218,7 +237,8 @@ def _unfold_grid(gm: fx.GraphModule) -> tuple[TokenGrid, fx.Node] | None:
             nxt = []
             for n in frontier:
                 for u in n.users:
-                    if kind(u) not in _CHAIN_KINDS and not (u.op == "call_method" and u.target == "unfold"):
+                    if kind(u) not in _CHAIN_KINDS and not (u.op == "call_method" and u.target == "unfold") and not (
+                            kind(u) == "im2col" and _non_overlapping(u)) and not _einsum_permute(u):
                         continue
                     us = shape_of(u)
                     if us is not None and len(us) == 3 and us[0] == s[0] and any(
