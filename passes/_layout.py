@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxdit.passes._fx_utils import fake_value
-from fxdit.passes._ops import arg_of, dim_index, is_param, kind, ndim, shape_of, static_size, tensor_args
+from fxdit.passes._ops import arg_of, dim_index, is_param, kind, ndim, permute_dims, shape_of, static_size, tensor_args
 
 __all__ = ["Layout", "Propagator"]
 
@@ -292,16 +292,8 @@ class Propagator:
             return lay
         if k == "permute":
             src, lay = self._src(node)
-            if lay is None:
-                return None
-            dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
-            if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-                dims = tuple(dims[0])
-            if "dims" in node.kwargs:
-                dims = tuple(node.kwargs["dims"])
-            nd = ndim(src) or 0
-            norm = [dim_index(d, nd) for d in dims]
-            if None in norm or lay.dim not in norm:
+            norm = permute_dims(node)
+            if lay is None or norm is None or lay.dim not in norm:
                 return None
             return lay.moved(norm.index(lay.dim))
         if k == "view":

@@ -19,7 +19,7 @@ from fxdit.passes._fx_utils import fake_value
 
 __all__ = ["OP_TABLE", "TOKEN_RULES", "ARITH", "arith", "token_rule", "FUNCTION_KINDS", "METHOD_KINDS",
            "INPUT_NAME_HINTS", "PASS_THROUGH", "kind", "tensor_args", "is_param", "shape_of", "static_size", "ndim",
-           "dim_index", "arg_of", "linear_input", "linear_weight", "linear_bias"]
+           "dim_index", "arg_of", "linear_input", "linear_weight", "linear_bias", "permute_dims"]
 
 _aten = torch.ops.aten
 
@@ -241,3 +241,17 @@ def linear_weight(node: fx.Node) -> Any:
 def linear_bias(node: fx.Node) -> Any:
     """The bias argument of a linear node (``None`` when absent)."""
     return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+
+def permute_dims(node: fx.Node) -> tuple[int, ...] | None:
+    """The normalized dims of a ``permute`` node (method or function form)."""
+    nd = ndim(node.args[0]) if node.args else None
+    if nd is None:
+        return None
+    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    if "dims" in node.kwargs:
+        dims = tuple(node.kwargs["dims"])
+    norm = [dim_index(d, nd) for d in dims]
+    return None if None in norm or len(norm) != nd else tuple(norm)  # type: ignore[arg-type]

@@ -18,7 +18,16 @@ import torch
 import torch.fx as fx
 from fxdit.passes._fx_utils import fake_value, fxdit_meta
 from fxdit.passes._layout import Layout, Propagator
-from fxdit.passes._ops import INPUT_NAME_HINTS, arg_of, dim_index, is_param, kind, ndim, shape_of, tensor_args
+from fxdit.passes._ops import (
+    INPUT_NAME_HINTS,
+    arg_of,
+    is_param,
+    kind,
+    ndim,
+    permute_dims,
+    shape_of,
+    tensor_args,
+)
 from fxdit.passes._records import CarriedTokens, TokenGrid
 
 __all__ = ["Streams", "token_streams", "record_position_ids", "output_tokens"]
@@ -61,20 +70,6 @@ def _is_float_input(node: fx.Node) -> bool:
 
 
 _CHANNELS_LAST = -1  # _forward_to_tokens: the conv output permuted to (B, *grid, C), grid not yet merged
-
-
-def _permute_dims(node: fx.Node) -> tuple[int, ...] | None:
-    """The normalized dims of a ``permute`` node (method or function form)."""
-    nd = ndim(node.args[0]) if node.args else None
-    if nd is None:
-        return None
-    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
-    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-        dims = tuple(dims[0])
-    if "dims" in node.kwargs:
-        dims = tuple(node.kwargs["dims"])
-    norm = [dim_index(d, nd) for d in dims]
-    return None if None in norm or len(norm) != nd else tuple(norm)  # type: ignore[arg-type]
 
 
 #: Ops between a latent input and its patch-embedding conv that keep the latent's spatial layout (a norm over
@@ -139,7 +134,7 @@ def _forward_to_tokens(conv: fx.Node, limit: int = 12) -> fx.Node | None:
                     d = _CHANNELS_LAST
                 elif dim is None:
                     if k == "permute":
-                        dims = _permute_dims(u)
+                        dims = permute_dims(u)
                         nd = len(out)
                         if dims is None or list(dims) != [0, *range(2, nd), 1]:
                             continue

@@ -61,24 +61,6 @@ class JointWithRegisters(nn.Module):
         return self.out(o.transpose(1, 2).flatten(2))
 
 
-def _capture(model: nn.Module, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, list]:
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=record, fullgraph=True)(*args)
-    torch._dynamo.reset()
-    assert len(graphs) == 1
-    gm, inputs = graphs[0]
-    find_attention(gm, FxditConfig())
-    find_blocks(gm, FxditConfig())
-    return gm, inputs
-
-
 @pytest.mark.parametrize("order, image_start, spans", [
     (("reg", "text", "image"), 8, ((0, 8),)),
     (("text", "image", "reg"), 5, ((0, 5), (69, 72))),
@@ -88,7 +70,7 @@ def test_register_tokens_beside_the_caption(order, image_start, spans):
     torch.manual_seed(0)
     model = JointWithRegisters(order).eval()
     x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 16)
-    gm, inputs = _capture(model, x, text)
+    gm, inputs = _capture_kw(model, (x, text), {})
     (site,) = fxdit_meta(gm)["attention_sites"]
     assert site.span_source == "cat" and site.image_span == (image_start, image_start + 64)
     assert site.global_spans == spans
