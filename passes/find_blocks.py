@@ -221,6 +221,7 @@ def analyse_blocks(gm: fx.GraphModule, cfg: Any,
         find_attention(gm, cfg)
     view = without_adapters(gm, adapters)
     blocks, grid = _analyse_blocks(view, cfg, rb)
+    fxdit_meta(gm)["output_tokens"] = fxdit_meta(view).get("output_tokens")  # same outputs as ``gm``
     where = {s.node: s.block for s in (fxdit_meta(view).get("attention_sites") or [])}
     for site in state.get("attention_sites") or []:
         if site.node in where:
